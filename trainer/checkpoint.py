@@ -1,0 +1,297 @@
+"""The checkpoint folder: the one artifact the trainer writes and the server reads.
+
+Layout (safetensors and JSON only; nothing is ever unpickled)::
+
+    adapter_model.safetensors   PEFT LoRA tensors at full rank: <PEFT_PREFIX><module>.lora_A.weight
+                                (r, in) and .lora_B.weight (out, r)
+    adapter_config.json         a PEFT LoraConfig whose scaling equals s(r)
+    matryoshka.json             format_version, method, r, ranks, scaling, target_modules,
+                                base_model (name + fingerprint), training args, step, eval,
+                                and the sha256 of adapter_model.safetensors
+    training_state.safetensors  optimizer moments and RNG states (only where training can resume)
+    trainer_state.json          step, scheduler, optimizer hyper-parameters
+
+Every file is written to a temporary name, fsynced, then renamed; ``matryoshka.json`` goes
+last and names the digest of the tensors it belongs to, so a reader never pairs metadata with
+half-written or foreign weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from trainer.inject import PEFT_PREFIX, AdapterConfig, NestedAdapter
+from trainer.nested import SCALINGS, p_vector, scale
+
+FORMAT_VERSION = 1
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+META = "matryoshka.json"
+TRAINING_TENSORS = "training_state.safetensors"
+TRAINING_STATE = "trainer_state.json"
+
+# config fields that decide whether an adapter fits a base model
+FINGERPRINT_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, corrupt, or does not fit the base model."""
+
+
+# -- atomic file writes -------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+
+
+# -- base-model identity ------------------------------------------------------------------------------
+def base_model_identity(model: nn.Module, name: str) -> dict:
+    """``{name, config, fingerprint}``: the fingerprint hashes the config fields and the shapes of
+    every linear module, so an adapter is only ever applied to a model it was trained on."""
+    cfg = getattr(model, "config", None)
+    fields = {f: getattr(cfg, f, None) for f in FINGERPRINT_FIELDS}
+    # an injected layer keeps its base linear as `<name>.base`: the identity is the same either way
+    shapes = {n.removesuffix(".base"): list(m.weight.shape)
+              for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    blob = json.dumps({"config": fields, "linear_shapes": sorted(shapes.items())}, sort_keys=True)
+    return {"name": name, "config": fields, "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def check_base_model(saved: dict, model: nn.Module, ckpt: Path) -> None:
+    current = base_model_identity(model, saved.get("name", ""))
+    if current["fingerprint"] == saved.get("fingerprint"):
+        return
+    diffs = [
+        f"{f}: checkpoint {saved.get('config', {}).get(f)!r}, model {current['config'][f]!r}"
+        for f in FINGERPRINT_FIELDS
+        if saved.get("config", {}).get(f) != current["config"][f]
+    ]
+    detail = "; ".join(diffs) if diffs else "the shapes of its linear modules differ"
+    raise CheckpointError(
+        f"{ckpt} was trained on base model {saved.get('name')!r} (fingerprint "
+        f"{saved.get('fingerprint')}), which does not match the model given (fingerprint "
+        f"{current['fingerprint']}): {detail}. Pass the same --model the adapter was trained on."
+    )
+
+
+# -- PEFT config ------------------------------------------------------------------------------------------
+def peft_scaling_fields(k: int, scaling: str) -> dict:
+    """``lora_alpha``/``use_rslora`` such that PEFT's scaling equals s(k)."""
+    if scaling == "none":
+        return {"lora_alpha": k, "use_rslora": False}  # alpha / r = 1
+    if scaling == "rank":
+        return {"lora_alpha": 1, "use_rslora": False}  # 1 / r
+    if scaling == "sqrt":
+        return {"lora_alpha": 1, "use_rslora": True}  # 1 / √r
+    raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+
+
+def peft_adapter_config(config: AdapterConfig, base_name: str, k: int | None = None) -> dict:
+    k = config.r if k is None else k
+    targets = config.target_modules
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": k,
+        **peft_scaling_fields(k, config.scaling),
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+
+
+# -- save / load --------------------------------------------------------------------------------------------
+def save_adapter(out: str | Path, adapter: NestedAdapter, base_name: str, extra: dict | None = None,
+                 k: int | None = None) -> Path:
+    """Write the servable files (weights, PEFT config, matryoshka.json last). ``k`` < r writes
+    the rank-k prefix (an export); ``extra`` adds fields to matryoshka.json (train args, step, eval)."""
+    out = Path(out)
+    cfg = adapter.config
+    k = cfg.r if k is None else k
+    blob = st_save(adapter.peft_state_dict(k), metadata={"format": "pt"})
+    atomic_write_bytes(out / ADAPTER_WEIGHTS, blob)
+    atomic_write_json(out / ADAPTER_CONFIG, peft_adapter_config(cfg, base_name, k))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": cfg.method,
+        "r": k,
+        "ranks": [x for x in cfg.ranks if x <= k],
+        "scaling": cfg.scaling,
+        "target_modules": cfg.target_modules,
+        "a_init": cfg.a_init,
+        "base_model": base_model_identity(adapter.model, base_name),
+        "adapter_sha256": hashlib.sha256(blob).hexdigest(),
+        "eval": {},
+        **(extra or {}),
+    }
+    atomic_write_json(out / META, meta)
+    return out
+
+
+def read_meta(ckpt: str | Path) -> dict:
+    """matryoshka.json, validated; CheckpointError says what is wrong and how to fix it."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint folder {ckpt} does not exist")
+    if not (ckpt / META).is_file():
+        have = ", ".join(sorted(p.name for p in ckpt.iterdir())) or "nothing"
+        hint = (" It looks like a plain PEFT adapter: make it rank-elastic with `trainer nest`."
+                if (ckpt / ADAPTER_CONFIG).exists() else "")
+        raise CheckpointError(f"{ckpt} is not a nested-LoRA checkpoint: no {META} (it has: {have}).{hint}")
+    meta = read_json(ckpt / META)
+    missing = [f for f in ("format_version", "method", "r", "ranks", "scaling", "target_modules", "base_model")
+               if f not in meta]
+    if missing:
+        raise CheckpointError(f"{ckpt / META} lacks the fields {missing}; the checkpoint is corrupt")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{ckpt} has format_version {meta['format_version']}; this version reads up to "
+            f"{FORMAT_VERSION}. Upgrade the package."
+        )
+    if meta["scaling"] not in SCALINGS:
+        raise CheckpointError(f"{ckpt / META}: scaling {meta['scaling']!r} is not one of {SCALINGS}")
+    return meta
+
+
+def adapter_config_from_meta(meta: dict) -> AdapterConfig:
+    return AdapterConfig(
+        method=meta["method"], r=meta["r"], ranks=meta["ranks"], scaling=meta["scaling"],
+        target_modules=meta["target_modules"], a_init=meta.get("a_init", "peft"),
+    )
+
+
+def read_adapter_tensors(ckpt: Path, meta: dict) -> dict[str, torch.Tensor]:
+    path = ckpt / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has {META} but no {ADAPTER_WEIGHTS}")
+    blob = path.read_bytes()
+    digest = meta.get("adapter_sha256")
+    if digest and hashlib.sha256(blob).hexdigest() != digest:
+        raise CheckpointError(
+            f"{path} does not match the digest in {META}: the file was changed or only partly "
+            "written. Re-save the checkpoint or restore the file."
+        )
+    try:
+        return st_load(blob)
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def validate_tensors(tensors: dict[str, torch.Tensor], adapter: NestedAdapter, ckpt: Path) -> None:
+    r = adapter.config.r
+    expected: dict[str, tuple[int, int]] = {}
+    for name, layer in adapter.layers.items():
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, layer.base.in_features)
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (layer.base.out_features, r)
+    problems: list[str] = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
+    for key, shape in expected.items():
+        t = tensors.get(key)
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            problems.append(f"{key}: shape {list(t.shape)} in the file, {list(shape)} expected")
+        elif not torch.isfinite(t).all():
+            problems.append(f"{key}: contains NaN or Inf")
+    if problems:
+        raise CheckpointError(f"{ckpt / ADAPTER_WEIGHTS} does not fit the model: " + "; ".join(problems[:8]))
+
+
+def load_adapter_weights(ckpt: Path, adapter: NestedAdapter) -> dict:
+    """Load a checkpoint's tensors into an already-injected adapter (validated); returns its meta."""
+    meta = read_meta(ckpt)
+    check_base_model(meta["base_model"], adapter.model, ckpt)
+    tensors = read_adapter_tensors(ckpt, meta)
+    validate_tensors(tensors, adapter, ckpt)
+    adapter.load_peft_state_dict(tensors)
+    return meta
+
+
+def load_adapter(ckpt: str | Path, model: nn.Module) -> tuple[NestedAdapter, dict]:
+    """Inject the checkpoint's adapter into ``model`` (in place) and load its weights.
+
+    Validates, in order: matryoshka.json, the base-model fingerprint, the weights' digest,
+    tensor keys, shapes, and finiteness. Returns the adapter (set to full rank) and the metadata.
+    """
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    check_base_model(meta["base_model"], model, ckpt)
+    tensors = read_adapter_tensors(ckpt, meta)
+    adapter = NestedAdapter.inject(model, adapter_config_from_meta(meta))
+    validate_tensors(tensors, adapter, ckpt)
+    adapter.load_peft_state_dict(tensors)
+    return adapter, meta
+
+
+def update_meta(ckpt: str | Path, **fields: Any) -> dict:
+    """Atomically replace fields of matryoshka.json (e.g. the eval table)."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    meta.update(fields)
+    atomic_write_json(ckpt / META, meta)
+    return meta
+
+
+def describe(meta: dict) -> dict:
+    """What ``trainer info`` shows: the metadata plus the training p vector and s(k) per rank."""
+    p = p_vector(meta["method"], meta["r"], meta["ranks"], meta["scaling"])
+    return {
+        **meta,
+        "p": [round(float(v), 6) for v in p],
+        "scale_per_rank": {str(k): round(scale(k, meta["scaling"]), 6) for k in meta["ranks"]},
+    }

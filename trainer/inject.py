@@ -1,0 +1,168 @@
+"""Find the target linears of a Hugging Face model, wrap them, and drive them as one adapter."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from trainer.nested import (
+    AdapterState,
+    NestedLoRALinear,
+    default_ranks,
+    p_vector,
+    rank_coeffs,
+    validate_ranks,
+)
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped by PeftModel
+
+
+@dataclass
+class AdapterConfig:
+    """What the adapter is; stored in the checkpoint's ``matryoshka.json``."""
+
+    method: str = "matryoshka"  # lora | dylora | matryoshka (svd: nested post hoc by `trainer nest`)
+    r: int = 64  # max rank (the bottleneck); A is (r, in), B is (out, r)
+    ranks: list[int] = field(default_factory=list)  # R; empty → powers of two below r, then r
+    scaling: str = "sqrt"  # s(k): none → 1, rank → 1/k, sqrt → 1/√k (the reference runs' choice)
+    # module-name suffixes (a list) or one regex that must match the full module name (a str)
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    a_init: str = "peft"  # peft: kaiming fan-in = in_features; reference: fan-in = r
+
+    def __post_init__(self) -> None:
+        self.ranks = validate_ranks(list(self.ranks), self.r) if self.ranks else default_ranks(self.r)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the ``nn.Linear`` modules the adapter wraps; an error lists what the model has."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"no nn.Linear module matches --targets {targets!r}. "
+            f"This model's linear modules are named: {', '.join(linear) or '(none)'}"
+        )
+    return names
+
+
+class NestedAdapter:
+    """A nested LoRA adapter injected into a model: rank selection, merging, (de)serialisation.
+
+    The base model's parameters are frozen; only ``lora_A``/``lora_Bt`` train. The model itself is
+    modified in place (``self.model``); use it like the original.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, NestedLoRALinear]):
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self.state = next(iter(layers.values())).state
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def inject(cls, model: nn.Module, config: AdapterConfig) -> "NestedAdapter":
+        names = find_targets(model, config.target_modules)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        state = AdapterState()
+        layers: dict[str, NestedLoRALinear] = {}
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = NestedLoRALinear(getattr(parent, child), config.r, state, config.a_init)
+            setattr(parent, child, layer)
+            layers[name] = layer
+        adapter = cls(model, config, layers)
+        adapter.set_rank(config.r)  # default: full-rank inference until told otherwise
+        return adapter
+
+    # -- the coefficients every layer reads ---------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).lora_A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.layers.values())).lora_A.dtype
+
+    def set_coeffs(self, coeffs: torch.Tensor | None) -> None:
+        self.state.set(coeffs, self.device, self.dtype)
+
+    def set_training_coeffs(self, b: int | None = None) -> None:
+        """Training forward: c = p(method); ``b`` is DyLoRA's rank for this micro-batch."""
+        c = self.config
+        self.set_coeffs(p_vector(c.method, c.r, c.ranks, c.scaling, b))
+
+    def set_rank(self, k: int) -> None:
+        """Inference at rank k ∈ {0} ∪ R: W x + s(k) B[:, :k] A[:k] x (k = 0: base model)."""
+        self.check_rank(k)
+        self.set_coeffs(rank_coeffs(k, self.config.scaling))
+
+    def check_rank(self, k: int) -> None:
+        if k != 0 and k not in self.config.ranks:
+            raise ValueError(f"rank {k} is not servable; valid ranks are {[0, *self.config.ranks]}")
+
+    # -- merging -------------------------------------------------------------------------------
+    def merge(self, k: int) -> None:
+        """Fold the rank-k adapter into the base weights (fast inference at that one rank)."""
+        self.check_rank(k)
+        for layer in self.layers.values():
+            layer.merge(k, self.config.scaling)
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge(self.config.scaling)
+
+    def merge_and_unload(self, k: int) -> nn.Module:
+        """A plain model with the rank-k adapter merged in and the wrappers removed."""
+        self.merge(k)
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, layer.base)
+        self.layers = {}
+        return self.model
+
+    # -- parameters ------------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_Bt)]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_total(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def target_shapes(self) -> dict[str, list[int]]:
+        """Module name → [out, in] of each wrapped base linear."""
+        return {n: [l.base.out_features, l.base.in_features] for n, l in self.layers.items()}
+
+    # -- PEFT-format tensors -------------------------------------------------------------------------
+    def peft_state_dict(self, k: int | None = None) -> dict[str, torch.Tensor]:
+        """The rank-k prefix (default: full rank) under PEFT's key names, B as (out, k)."""
+        k = self.config.r if k is None else k
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[:k].detach().float().contiguous().cpu()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_Bt[:k].detach().float().t().contiguous().cpu()
+        return out
+
+    @torch.no_grad()
+    def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`peft_state_dict` at full rank (keys/shapes validated by the caller)."""
+        for name, layer in self.layers.items():
+            layer.lora_A.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
+            layer.lora_Bt.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"].t())

@@ -1,0 +1,207 @@
+"""The nested (Matryoshka) LoRA layer: the math of DESIGN.md §2 in one place.
+
+A LoRA adapter adds a low-rank update to a frozen linear layer ``W``::
+
+         x ──► W ────────────────────────────┐
+         │                                   ▼
+         └──► A (r×in) ──► ⊙ c ──► B (out×r) ──► + ──► y
+
+    y = W x + B (c ⊙ (A x))
+
+``c`` is a fixed, non-trained coefficient vector. Every method in this project is this one
+layer with a different ``c``:
+
+* LoRA (train):           c = s(r) · 1ᵣ
+* DyLoRA (train):         c = s(b) · [1]*b + [0]*(r-b), ``b`` drawn uniformly from R per micro-batch
+* MatryoshkaLoRA (train): c = p, with p_i = Σ_{k∈R, k≥i} s(k)  (1-indexed; 0 past max(R)), so that
+                          B diag(p) A = Σ_{k∈R} s(k) B[:, :k] A[:k]  (every prefix trained at once)
+* inference at rank k:    c = s(k) · 1ₖ  (the plain prefix; k = 0 switches the adapter off)
+
+Only the leading non-zero part of ``c`` is ever multiplied: ``A[:n]`` and ``B[:, :n]`` with
+``n = len(c)``. So DyLoRA's components past ``b`` get no gradient, and a rank-k forward costs
+rank k, not r.
+
+``s(k)`` is the scaling: ``none`` → 1, ``rank`` → 1/k, ``sqrt`` → 1/√k (rsLoRA; the reference
+runs use it).
+
+Init: ``B = 0`` so the adapted model starts equal to the base. ``A`` is kaiming-uniform
+(a=√5, as ``nn.Linear`` and PEFT): with ``a_init="peft"`` the fan-in is ``in_features``
+(bound 1/√in, PEFT's choice, the default); with ``a_init="reference"`` the fan-in is ``r``
+(bound 1/√r, the MatryoshkaLoRA authors' code), a larger start for small ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Scaling = Literal["none", "rank", "sqrt"]
+Method = Literal["lora", "dylora", "matryoshka", "svd"]
+AInit = Literal["peft", "reference"]
+
+SCALINGS: tuple[str, ...] = ("none", "rank", "sqrt")
+TRAIN_METHODS: tuple[str, ...] = ("lora", "dylora", "matryoshka")
+
+
+def scale(k: int, scaling: str) -> float:
+    """s(k): the factor a rank-k adapter is multiplied by."""
+    if k < 1:
+        raise ValueError(f"rank must be >= 1 to have a scaling, got {k}")
+    if scaling == "none":
+        return 1.0
+    if scaling == "rank":
+        return 1.0 / k
+    if scaling == "sqrt":
+        return 1.0 / math.sqrt(k)
+    raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}; got {scaling!r}")
+
+
+def default_ranks(r: int) -> list[int]:
+    """R by default: every power of two below r, then r itself (so full rank is always served)."""
+    if r < 1:
+        raise ValueError(f"--rank must be a positive integer, got {r}")
+    ranks = [1 << i for i in range(r.bit_length()) if (1 << i) < r]
+    return ranks + [r]
+
+
+def validate_ranks(ranks: list[int], r: int) -> list[int]:
+    """Sorted, de-duplicated R; every rank in 1..r. Raises ValueError naming the bad values."""
+    bad = [k for k in ranks if not isinstance(k, int) or k < 1 or k > r]
+    if bad or not ranks:
+        raise ValueError(
+            f"--ranks must be a non-empty list of integers in 1..{r} (the adapter's rank); "
+            f"got {ranks}" + (f" (invalid: {bad})" if bad else "")
+        )
+    return sorted(set(ranks))
+
+
+def p_vector(
+    method: str, r: int, ranks: list[int], scaling: str, b: int | None = None
+) -> torch.Tensor:
+    """The training coefficients c (length r, float64 for exactness; cast at use).
+
+    ``b`` is DyLoRA's sampled rank for this micro-batch (ignored by the other methods; when
+    omitted for DyLoRA, the full rank is used, which is what ``trainer info`` shows).
+    """
+    ranks = validate_ranks(ranks, r)
+    p = torch.zeros(r, dtype=torch.float64)
+    if method in ("lora", "svd"):
+        p[:] = scale(r, scaling)
+    elif method == "dylora":
+        b = ranks[-1] if b is None else b
+        if b not in ranks:
+            raise ValueError(f"DyLoRA's sampled rank must be in R={ranks}, got {b}")
+        p[:b] = scale(b, scaling)
+    elif method == "matryoshka":
+        for k in ranks:  # p_i = Σ_{k ≥ i} s(k): add s(k) to the first k entries
+            p[:k] += scale(k, scaling)
+    else:
+        raise ValueError(f"method must be one of {', '.join(TRAIN_METHODS)}; got {method!r}")
+    return p
+
+
+def rank_coeffs(k: int, scaling: str) -> torch.Tensor | None:
+    """Inference coefficients at rank k: s(k)·1ₖ, or None for k = 0 (adapter off)."""
+    if k == 0:
+        return None
+    return torch.full((k,), scale(k, scaling), dtype=torch.float64)
+
+
+class AdapterState:
+    """What every nested layer of one model reads at forward time (shared, not a module).
+
+    ``coeffs`` is ``c`` trimmed to its leading non-zero part: shape ``(n,)`` for the whole batch,
+    or ``(rows, n)`` with one row of coefficients per batch row (mixed ranks in one batch; rows
+    past their own rank hold zeros). ``None`` switches every adapter off.
+    """
+
+    def __init__(self) -> None:
+        self.coeffs: torch.Tensor | None = None
+
+    def set(self, coeffs: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
+        if coeffs is None:
+            self.coeffs = None
+            return
+        n = _leading_nonzero(coeffs)
+        self.coeffs = None if n == 0 else coeffs[..., :n].to(device=device, dtype=dtype)
+
+
+def _leading_nonzero(c: torch.Tensor) -> int:
+    """Length of c up to its last non-zero column."""
+    nz = (c != 0).reshape(-1, c.shape[-1]).any(dim=0).nonzero()
+    return 0 if nz.numel() == 0 else int(nz[-1]) + 1
+
+
+class NestedLoRALinear(nn.Module):
+    """``y = W x + B (c ⊙ (A x))`` around a frozen ``nn.Linear`` (see the module docstring).
+
+    ``lora_A`` is ``(r, in)``. ``B`` is held transposed, ``lora_Bt`` of shape ``(r, out)``, so
+    that every rank-k prefix ``lora_Bt[:k]`` is one contiguous block; the file format keeps
+    PEFT's ``(out, r)``.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, state: AdapterState, a_init: str = "peft"):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"NestedLoRALinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.r = r
+        self.state = state
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
+        self.lora_Bt = nn.Parameter(torch.zeros(r, base.out_features, device=dev))
+        self.merged_rank: int | None = None
+        self.reset_parameters(a_init)
+
+    def reset_parameters(self, a_init: str = "peft") -> None:
+        if a_init == "peft":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in = in_features
+        elif a_init == "reference":
+            bound = 1.0 / math.sqrt(self.r)  # kaiming-uniform, a=√5, fan-in = r
+            nn.init.uniform_(self.lora_A, -bound, bound)
+        else:
+            raise ValueError(f"a_init must be 'peft' or 'reference', got {a_init!r}")
+        nn.init.zeros_(self.lora_Bt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (..., out)
+        c = self.state.coeffs
+        if c is None or self.merged_rank is not None:
+            return y
+        n = c.shape[-1]
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A[:n])  # (..., n)
+        if c.dim() == 2:  # one coefficient row per batch row: (rows, n) -> (rows, 1.., n)
+            c = c.view(c.shape[0], *([1] * (h.dim() - 2)), n)
+        h = h * c
+        delta = h @ self.lora_Bt[:n]  # (..., out)
+        return y + delta.to(y.dtype)
+
+    def delta_weight(self, k: int, scaling: str) -> torch.Tensor:
+        """ΔW at rank k: s(k) · B[:, :k] A[:k], shape (out, in)."""
+        return scale(k, scaling) * (self.lora_Bt[:k].t() @ self.lora_A[:k])
+
+    @torch.no_grad()
+    def merge(self, k: int, scaling: str) -> None:
+        """Fold the rank-k adapter into W (then forward ignores the adapter until unmerge)."""
+        if self.merged_rank is not None:
+            raise RuntimeError(f"already merged at rank {self.merged_rank}; unmerge first")
+        if k > 0:
+            w = self.base.weight
+            w += self.delta_weight(k, scaling).to(w.dtype)
+        self.merged_rank = k
+
+    @torch.no_grad()
+    def unmerge(self, scaling: str) -> None:
+        if self.merged_rank is None:
+            return
+        if self.merged_rank > 0:
+            w = self.base.weight
+            w -= self.delta_weight(self.merged_rank, scaling).to(w.dtype)
+        self.merged_rank = None
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, in={self.base.in_features}, out={self.base.out_features}"

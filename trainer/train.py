@@ -1,0 +1,307 @@
+"""The training recipe: setup → fit → save, for LoRA, DyLoRA and MatryoshkaLoRA alike.
+
+The method only chooses the coefficient vector (see :mod:`trainer.nested`). Runs on one device or
+under ``torchrun --nproc-per-node N`` (DDP: nccl on CUDA, gloo on CPU), where only the adapter's
+gradients are all-reduced.
+
+Loss normalisation: every micro-batch's summed token loss is divided by the number of answer
+tokens in the whole *global* batch (all micro-batches, all processes), which every process
+computes from the data plan without communication. The gradient of a step is therefore the exact
+token-mean gradient of the global batch, whatever the split into processes and accumulation steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from trainer.checkpoint import load_adapter_weights, save_adapter
+from trainer.data import IGNORE, Example, collate, load_examples
+from trainer.inject import DEFAULT_TARGETS, AdapterConfig, NestedAdapter
+from trainer.models import load_model, resolve_device, resolve_dtype
+from trainer.nested import TRAIN_METHODS
+from trainer.train_state import read_training_state, restore_training_state, save_training_state
+
+METRICS = "metrics.jsonl"
+# fields that may differ between a run and its --resume (all others must match to continue exactly)
+RESUME_FREE = ("out", "resume", "save_every", "device", "log_every", "progress")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``trainer train``; stored in the checkpoint as ``training``."""
+
+    out: str = "runs/demo"  # checkpoint folder (servable); periodic ones go to OUT/step-NNNNNN
+    model: str = "smollm2-135m"  # local HF folder, hub id, or an embedded alias
+    data: str | None = None  # JSONL; None → the generated arithmetic demo set
+    method: str = "matryoshka"  # lora | dylora | matryoshka
+    rank: int = 64  # r, the max rank
+    ranks: list[int] = field(default_factory=list)  # R; empty → 1, 2, 4, …, r
+    scaling: str = "sqrt"  # none | rank | sqrt
+    targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    a_init: str = "peft"  # peft | reference (see trainer.nested)
+    lr: float = 1e-4  # AdamW peak learning rate (reference grid 5e-6…1e-3)
+    weight_decay: float = 0.0  # the reference uses 0
+    warmup_steps: int = 0  # linear warmup, then linear decay to 0
+    epochs: int = 1
+    max_steps: int | None = None  # stops early; the schedule spans min(max_steps, epochs × steps/epoch)
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_length: int = 512  # tokens; longer examples are cut (and counted)
+    limit: int | None = None  # use only the first N examples
+    seed: int = 42
+    clip: float = 1.0  # max gradient norm (0 disables)
+    save_every: int = 0  # steps between periodic checkpoints (0: only the final one)
+    log_every: int = 1
+    device: str = "auto"
+    dtype: str = "auto"  # bf16 on CUDA (autocast), fp32 on CPU
+    resume: str | None = None  # a checkpoint folder with training state
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Collect every bad option into one error that names the flags."""
+        problems = []
+        if self.method not in TRAIN_METHODS:
+            problems.append(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
+        for flag, value, low in [("--rank", self.rank, 1), ("--epochs", self.epochs, 1),
+                                 ("--batch-size", self.batch_size, 1), ("--grad-accum", self.grad_accum, 1),
+                                 ("--max-length", self.max_length, 2), ("--save-every", self.save_every, 0),
+                                 ("--warmup-steps", self.warmup_steps, 0), ("--log-every", self.log_every, 1)]:
+            if value < low:
+                problems.append(f"{flag} must be >= {low}, got {value}")
+        for flag, value in [("--max-steps", self.max_steps), ("--limit", self.limit)]:
+            if value is not None and value < 1:
+                problems.append(f"{flag} must be >= 1, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"--lr must be a positive number, got {self.lr}")
+        if self.rank >= 1:
+            try:
+                AdapterConfig(r=self.rank, ranks=self.ranks, scaling=self.scaling)
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ValueError("invalid training options:\n  " + "\n  ".join(problems))
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(method=self.method, r=self.rank, ranks=self.ranks, scaling=self.scaling,
+                             target_modules=self.targets, a_init=self.a_init)
+
+
+# -- distributed setup --------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device)
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return d, dev
+
+
+# -- the data plan ------------------------------------------------------------------------------------------
+class DataPlan:
+    """Which examples each process sees at each step, fixed by (seed, epoch): resumable exactly.
+
+    Each epoch is a seeded permutation cut into global batches of ``batch × accum × world``
+    examples (a last, incomplete global batch is dropped); micro-batch ``m`` of process ``w``
+    takes the ``(m·world + w)``-th block of ``batch`` examples of its global batch.
+    """
+
+    def __init__(self, examples: list[Example], cfg: TrainConfig, d: Dist):
+        self.examples, self.cfg, self.d = examples, cfg, d
+        self.global_batch = cfg.batch_size * cfg.grad_accum * d.world
+        self.steps_per_epoch = len(examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(examples)} examples are fewer than one global batch of {self.global_batch} "
+                f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} × {d.world} processes); "
+                "lower --batch-size or give more data"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.examples), generator=g))
+        return self._perm[1]
+
+    def step(self, step: int) -> tuple[list[list[Example]], int]:
+        """(this process's micro-batches, answer tokens in the whole global batch)."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        idx = self._order(epoch)[j * self.global_batch:(j + 1) * self.global_batch].tolist()
+        batch = [self.examples[i] for i in idx]
+        b, w = self.cfg.batch_size, self.d.world
+        micro = [batch[(m * w + self.d.rank) * b:(m * w + self.d.rank + 1) * b] for m in range(self.cfg.grad_accum)]
+        return micro, sum(e.n_targets for e in batch)
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy over answer tokens; logits (B, T, V) predict labels shifted by one."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def linear_schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
+    now = asdict(cfg)
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
+             for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+    if diffs:
+        raise ValueError(f"--resume {where}: these options differ from the run that wrote it, so it "
+                         "cannot continue exactly (pass the original values):\n  " + "\n  ".join(diffs))
+
+
+def log(d: Dist, msg: str) -> None:
+    if d.main:
+        tqdm.write(msg)
+
+
+# -- the recipe ------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> Path:
+    """Train an adapter and write the checkpoint folder ``cfg.out``; returns its path."""
+    cfg.validate()
+    d, device = setup_distributed(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    out = Path(cfg.out)
+    resume_state = read_training_state(Path(cfg.resume)) if cfg.resume else None
+    if resume_state is not None:
+        check_resume_config(resume_state["config"], cfg, Path(cfg.resume))
+
+    model, tok = load_model(cfg.model, device, dtype)
+    examples, report = load_examples(cfg.data, tok, cfg.max_length, cfg.limit)
+    log(d, report.summary())
+    torch.manual_seed(cfg.seed)  # same adapter init on every process
+    adapter = NestedAdapter.inject(model, cfg.adapter_config())
+    n_train = adapter.num_trainable()
+    log(d, f"{cfg.method} adapter r={cfg.rank} R={adapter.config.ranks} scaling={cfg.scaling} on "
+           f"{len(adapter.layers)} modules: {n_train:,} trainable parameters "
+           f"({100 * n_train / adapter.num_total():.2f}% of {adapter.num_total():,})")
+
+    if cfg.resume:
+        load_adapter_weights(Path(cfg.resume), adapter)
+    plan = DataPlan(examples, cfg, d)
+    params = adapter.parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, plan.total_steps))
+    sampler = torch.Generator().manual_seed(cfg.seed)  # DyLoRA's rank draws
+    start = 0
+    if resume_state is not None:
+        start = restore_training_state(resume_state, opt, sched, sampler)
+        log(d, f"resumed from {cfg.resume} at step {start}")
+
+    net = model
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    metrics = _open_metrics(out, start, d)
+    meta_extra = {"training": asdict(cfg), "data": asdict(report)}
+    bar = tqdm(total=plan.total_steps, initial=start, disable=not (d.main and cfg.progress),
+               desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
+    model.train()
+    t0, tokens = time.perf_counter(), 0
+    for step in range(start, plan.total_steps):
+        micro, n_targets = plan.step(step)
+        loss_sum = torch.zeros((), device=device)
+        for m, batch in enumerate(micro):
+            if cfg.method == "dylora":
+                ranks = adapter.config.ranks
+                adapter.set_training_coeffs(ranks[int(torch.randint(len(ranks), (1,), generator=sampler))])
+            else:
+                adapter.set_training_coeffs()
+            t = {k: v.to(device) for k, v in collate(batch, tok.pad_token_id).items()}
+            tokens += int(t["attention_mask"].sum())
+            sync = net.no_sync() if d.world > 1 and m < len(micro) - 1 else contextlib.nullcontext()
+            with sync, autocast:
+                logits = net(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+                loss = token_loss_sum(logits, t["labels"])
+            (loss * d.world / n_targets).backward()
+            loss_sum += loss.detach()
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if d.world > 1:
+            dist.all_reduce(loss_sum)
+        done = step + 1
+        elapsed = time.perf_counter() - t0
+        record = {"step": done, "epoch": round(plan.epoch_of(done), 4), "loss": loss_sum.item() / n_targets,
+                  "lr": lr, "tokens_per_s": round(tokens * d.world / elapsed, 1), "elapsed_s": round(elapsed, 2)}
+        if d.main:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if done % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
+            _save(out / f"step-{done:06d}", adapter, cfg, opt, sched, sampler, done, meta_extra, d)
+    bar.close()
+    _save(out, adapter, cfg, opt, sched, sampler, plan.total_steps, meta_extra, d)
+    if d.main:
+        metrics.close()
+    log(d, f"checkpoint written to {out}")
+    adapter.set_rank(cfg.rank)
+    model.eval()
+    return out
+
+
+def _open_metrics(out: Path, start: int, d: Dist):
+    """metrics.jsonl for appending; on resume into the same folder, drop lines past ``start``."""
+    if not d.main:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / METRICS
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+        path.write_text("".join(ln + "\n" for ln in kept))
+    return path.open("a")
+
+
+def _save(where: Path, adapter: NestedAdapter, cfg: TrainConfig, opt, sched, sampler, step: int,
+          extra: dict, d: Dist) -> None:
+    if d.main:
+        save_adapter(where, adapter, cfg.model, {**extra, "step": step})
+        save_training_state(where, step, opt, sched, sampler, asdict(cfg))
+    if d.world > 1:
+        dist.barrier()

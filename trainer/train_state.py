@@ -1,0 +1,71 @@
+"""Resumable training state (optimizer, scheduler, RNGs, step) as safetensors + JSON, never pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from trainer.checkpoint import (
+    TRAINING_STATE,
+    TRAINING_TENSORS,
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+)
+
+
+def save_training_state(out: Path, step: int, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+                        config: dict) -> None:
+    sd = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{idx}.{key}": value.detach().cpu().contiguous()
+        for idx, state in sd["state"].items()
+        for key, value in state.items()
+    }
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.sampler"] = generator.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    atomic_write_bytes(out / TRAINING_TENSORS, st_save(tensors))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    atomic_write_json(out / TRAINING_STATE, {
+        "step": step,
+        "config": config,
+        "scheduler": sched,
+        "optimizer_param_groups": sd["param_groups"],
+    })
+
+
+def read_training_state(ckpt: Path) -> dict:
+    if not (ckpt / TRAINING_STATE).is_file() or not (ckpt / TRAINING_TENSORS).is_file():
+        raise CheckpointError(
+            f"--resume {ckpt}: no {TRAINING_STATE}/{TRAINING_TENSORS} there, so training cannot "
+            "continue from it (exports and nested adapters hold weights only)"
+        )
+    state = read_json(ckpt / TRAINING_STATE)
+    state["tensors"] = st_load((ckpt / TRAINING_TENSORS).read_bytes())
+    return state
+
+
+def restore_training_state(state: dict, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LRScheduler,
+                           generator: torch.Generator) -> int:
+    """Load optimizer, scheduler and RNGs from :func:`read_training_state`; returns the step."""
+    tensors = state["tensors"]
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            per_param.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.sampler"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(state["step"])
