@@ -1,0 +1,145 @@
+"""The training recipe end to end: resume exactness, accumulation/DDP equivalence, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GSM8K, load_tiny
+from trainer.checkpoint import ADAPTER_WEIGHTS, load_adapter, read_meta
+from trainer.train import TrainConfig, train
+
+
+def run(tmp_path, tiny_model_dir, name, **kw) -> TrainConfig:
+    opts = dict(model=str(tiny_model_dir), rank=8, lr=5e-3, batch_size=4, max_length=64, limit=64,
+                max_steps=6, progress=False, out=str(tmp_path / name))
+    opts.update(kw)
+    cfg = TrainConfig(**opts)
+    train(cfg)
+    return cfg
+
+
+def losses(folder) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_tensors(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / ADAPTER_WEIGHTS)
+
+
+@pytest.mark.parametrize("method", ["matryoshka", "dylora"])
+def test_resumed_run_reproduces_the_uninterrupted_loss_sequence_exactly(tmp_path, tiny_model_dir, method):
+    full = run(tmp_path, tiny_model_dir, "full", method=method, save_every=3)
+    resumed = run(tmp_path, tiny_model_dir, "resumed", method=method, save_every=3,
+                  resume=str(tmp_path / "full" / "step-000003"))
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[3:]
+    a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_meta(resumed.out)["step"] == 6
+
+
+def test_resume_into_the_same_folder_keeps_one_metrics_line_per_step(tmp_path, tiny_model_dir):
+    run(tmp_path, tiny_model_dir, "run", save_every=2)
+    before = losses(tmp_path / "run")
+    run(tmp_path, tiny_model_dir, "run", save_every=2, resume=str(tmp_path / "run" / "step-000004"))
+    assert losses(tmp_path / "run") == before
+
+
+def test_resume_with_different_options_is_refused(tmp_path, tiny_model_dir):
+    run(tmp_path, tiny_model_dir, "a", save_every=3)
+    with pytest.raises(ValueError, match=r"--lr: checkpoint 0.005, now 0.001"):
+        run(tmp_path, tiny_model_dir, "b", lr=1e-3, resume=str(tmp_path / "a" / "step-000003"))
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir):
+    """4 examples in one micro-batch == 2 micro-batches of 2: the loss is normalised globally."""
+    run(tmp_path, tiny_model_dir, "big", batch_size=4, grad_accum=1)
+    run(tmp_path, tiny_model_dir, "acc", batch_size=2, grad_accum=2)
+    assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), rel=1e-5)
+    a, b = adapter_tensors(tmp_path / "big"), adapter_tensors(tmp_path / "acc")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_two_gloo_processes_reach_the_single_process_adapter(tmp_path, tiny_model_dir):
+    """torchrun × 2 with batch 2 each == 1 process with batch 4 (same global batch)."""
+    run(tmp_path, tiny_model_dir, "single", batch_size=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "trainer", "train", "--model", str(tiny_model_dir), "--rank", "8", "--lr", "5e-3",
+           "--batch-size", "2", "--max-length", "64", "--limit", "64", "--max-steps", "6",
+           "--no-progress", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_the_checkpoint_serves_every_rank(tmp_path, tiny_model_dir):
+    cfg = run(tmp_path, tiny_model_dir, "learn", lr=2e-2, max_steps=16, limit=None)
+    seq = losses(tmp_path / "learn")
+    assert sum(seq[-4:]) / 4 < sum(seq[:4]) / 4 - 0.1
+    model, _ = load_tiny(tiny_model_dir)
+    adapter, meta = load_adapter(cfg.out, model)
+    assert meta["training"]["method"] == "matryoshka" and meta["data"]["examples"] == 256
+    ids = torch.arange(5, 25).unsqueeze(0)
+    outs = {}
+    for k in [0, *meta["ranks"]]:
+        adapter.set_rank(k)
+        with torch.no_grad():
+            outs[k] = model(input_ids=ids).logits
+    assert all(not torch.allclose(outs[0], outs[k]) for k in meta["ranks"])
+
+
+def test_cli_reports_every_bad_option_at_once(tmp_path, tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", "--model", str(tiny_model_dir),
+                           "--rank", "8", "--ranks", "3,16", "--batch-size", "0", "--lr", "-1",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    for text in ["--batch-size must be >= 1, got 0", "--lr must be a positive number",
+                 "integers in 1..8", "invalid: [3, 16]"]:
+        assert text in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_fails_before_training_on_a_malformed_data_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", "--model", str(tiny_model_dir),
+                           "--data", str(data), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"{data}:2: missing ['answer']" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_too_little_data_for_one_batch_names_the_flags(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"3 examples are fewer than one global batch of 4 \(--batch-size 4"):
+        run(tmp_path, tiny_model_dir, "small", limit=3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data/gsm8k not present")
+def test_real_run_on_embedded_smollm2_with_gsm8k(tmp_path):
+    """SmolLM2-135M on 16 GSM8K examples: the loss goes down and the checkpoint loads."""
+    cfg = TrainConfig(model="smollm2-135m", data=str(GSM8K / "train.jsonl"), limit=16, max_length=96,
+                      method="matryoshka", rank=8, lr=2e-3, batch_size=4, epochs=3, progress=False,
+                      out=str(tmp_path / "smol"))
+    train(cfg)
+    seq = losses(tmp_path / "smol")
+    kept = read_meta(cfg.out)["data"]["examples"]  # GSM8K prompts past --max-length are dropped
+    assert kept >= 12 and len(seq) == 3 * (kept // 4)
+    assert sum(seq[-4:]) / 4 < sum(seq[:4]) / 4
+    from trainer.models import load_model
+
+    model, _ = load_model("smollm2-135m", "cpu", torch.float32)
+    adapter, meta = load_adapter(cfg.out, model)
+    assert meta["base_model"]["name"] == "smollm2-135m" and len(adapter.layers) == 30 * 7
+    shutil.rmtree(tmp_path / "smol")
