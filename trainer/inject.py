@@ -70,6 +70,7 @@ class NestedAdapter:
         self.config = config
         self.layers = layers
         self.state = next(iter(layers.values())).state
+        self.merged_rank: int | None = None  # rank folded into the base weights, if any
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -106,10 +107,25 @@ class NestedAdapter:
         c = self.config
         self.set_coeffs(p_vector(c.method, c.r, c.ranks, c.scaling, b))
 
+    def inference_coeffs(self, k: int) -> torch.Tensor:
+        """c for rank k, length r: s(k) on the first k entries. When rank m is merged into W, the
+        layer must add only the difference, so this returns c_k − c_m (all zero when k = m)."""
+        self.check_rank(k)
+        c = torch.zeros(self.config.r, dtype=torch.float64)
+        if k:
+            c[:k] = rank_coeffs(k, self.config.scaling)
+        if self.merged_rank:
+            c[: self.merged_rank] -= rank_coeffs(self.merged_rank, self.config.scaling)
+        return c
+
     def set_rank(self, k: int) -> None:
         """Inference at rank k ∈ {0} ∪ R: W x + s(k) B[:, :k] A[:k] x (k = 0: base model)."""
-        self.check_rank(k)
-        self.set_coeffs(rank_coeffs(k, self.config.scaling))
+        self.set_coeffs(self.inference_coeffs(k))
+
+    def set_row_ranks(self, ranks: list[int]) -> None:
+        """One rank per batch row (mixed ranks in one batch): row i computes
+        W x + s(k_i) B[:, :k_i] A[:k_i] x; the cost follows the largest rank present."""
+        self.set_coeffs(torch.stack([self.inference_coeffs(k) for k in ranks]))
 
     def check_rank(self, k: int) -> None:
         if k != 0 and k not in self.config.ranks:
@@ -117,14 +133,23 @@ class NestedAdapter:
 
     # -- merging -------------------------------------------------------------------------------
     def merge(self, k: int) -> None:
-        """Fold the rank-k adapter into the base weights (fast inference at that one rank)."""
+        """Fold the rank-k adapter into the base weights: rank k then costs what the base model
+        costs, and other ranks are served exactly by adding their difference to rank k. Leaves
+        the adapter set to rank k."""
         self.check_rank(k)
+        if self.merged_rank is not None:
+            raise RuntimeError(f"already merged at rank {self.merged_rank}; unmerge() first")
         for layer in self.layers.values():
             layer.merge(k, self.config.scaling)
+        self.merged_rank = k
+        self.set_rank(k)
 
     def unmerge(self) -> None:
         for layer in self.layers.values():
             layer.unmerge(self.config.scaling)
+        if self.merged_rank is not None:
+            k, self.merged_rank = self.merged_rank, None
+            self.set_rank(k)
 
     def merge_and_unload(self, k: int) -> nn.Module:
         """A plain model with the rank-k adapter merged in and the wrappers removed."""

@@ -170,7 +170,7 @@ class NestedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out)
         c = self.state.coeffs
-        if c is None or self.merged_rank is not None:
+        if c is None:
             return y
         n = c.shape[-1]
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A[:n])  # (..., n)
@@ -186,7 +186,8 @@ class NestedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, k: int, scaling: str) -> None:
-        """Fold the rank-k adapter into W (then forward ignores the adapter until unmerge)."""
+        """Fold the rank-k adapter into W. The coefficients the layer reads are then relative to
+        rank k (:class:`trainer.inject.NestedAdapter` handles that)."""
         if self.merged_rank is not None:
             raise RuntimeError(f"already merged at rank {self.merged_rank}; unmerge first")
         if k > 0:

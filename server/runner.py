@@ -1,0 +1,144 @@
+"""The model runner: one base model + one nested adapter, a batch of rows at their own ranks.
+
+Pure tensor work, no threads or HTTP. The running batch keeps one KV cache, left-padded::
+
+    row 0:  pad pad  p  p  p  g  g      mask 0 0 1 1 1 1 1    next position 5
+    row 1:   p   p   p  p  p  g  g      mask 1 1 1 1 1 1 1    next position 7
+
+* :meth:`prefill` runs new prompts (left-padded together, each at its rank) and returns their
+  cache, which :meth:`join` pads to the batch's width and appends as new rows;
+* :meth:`decode` feeds one token per row and returns the next-token logits;
+* :meth:`leave` drops finished rows and trims columns that only padding uses.
+
+Each row's adapter rank is applied through per-row coefficients (``NestedAdapter.set_row_ranks``):
+``A[:k_max] x`` once for the batch, rows past their own rank zeroed, ``s(k_row)`` applied, then
+``B``. K and V depend on the rank (k_proj/v_proj are adapted), so a row's cache is only valid at
+its own rank, which never changes while the row runs; nothing is shared between rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from trainer.inject import NestedAdapter
+
+
+@dataclass
+class Prefilled:
+    """New rows after prefill, not yet part of the batch."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (b, Lp) 1 = real token
+    positions: torch.Tensor  # (b,) next position id per row
+    ranks: list[int]
+    logits: torch.Tensor  # (b, V) next-token logits
+
+
+@dataclass
+class Batch:
+    cache: DynamicCache | None = None
+    mask: torch.Tensor | None = None  # (B, L)
+    positions: torch.Tensor | None = None  # (B,)
+    ranks: list[int] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+class ModelRunner:
+    def __init__(self, model, adapter: NestedAdapter | None, pad_id: int):
+        self.model = model
+        self.adapter = adapter
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self.batch = Batch()
+        self._coeff_key: tuple[int, ...] | None = None
+
+    # -- adapter coefficients ----------------------------------------------------------------------
+    def _use_ranks(self, ranks: list[int]) -> None:
+        key = tuple(ranks)
+        if self.adapter is None or key == self._coeff_key:
+            return
+        self.adapter.set_row_ranks(list(ranks))
+        self._coeff_key = key
+
+    def _forward(self, ids, mask, positions, cache, ranks: list[int]) -> torch.Tensor:
+        self._use_ranks(ranks)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1]  # (B, V)
+
+    # -- the three operations ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], ranks: list[int]) -> Prefilled:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (b, Lp)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, Lp)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, ranks)
+        return Prefilled(cache, mask, positions[:, -1] + 1, list(ranks), logits)
+
+    @torch.inference_mode()
+    def join(self, new: Prefilled) -> None:
+        """Append prefilled rows to the running batch, left-padding whichever side is shorter."""
+        b = self.batch
+        if b.cache is None:
+            self.batch = Batch(new.cache, new.mask, new.positions, list(new.ranks))
+            return
+        width = max(b.mask.shape[1], new.mask.shape[1])
+        layers = []
+        for old_l, new_l in zip(b.cache.layers, new.cache.layers):
+            k = torch.cat([_pad_left(old_l.keys, width), _pad_left(new_l.keys, width)])
+            v = torch.cat([_pad_left(old_l.values, width), _pad_left(new_l.values, width)])
+            layers.append((k, v))
+        mask = torch.cat([_pad_left(b.mask, width, dim=1), _pad_left(new.mask, width, dim=1)])
+        self.batch = Batch(DynamicCache(layers), mask, torch.cat([b.positions, new.positions]),
+                           b.ranks + new.ranks)
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """One token per row in; next-token logits (B, V) out."""
+        b = self.batch
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
+        b.mask = torch.cat([b.mask, b.mask.new_ones((b.size, 1))], dim=1)  # (B, L+1)
+        logits = self._forward(ids, b.mask, b.positions.unsqueeze(1), b.cache, b.ranks)
+        b.positions = b.positions + 1
+        return logits
+
+    @torch.inference_mode()
+    def leave(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (indices into the batch), then drop all-padding columns."""
+        b = self.batch
+        if not keep:
+            self.batch = Batch()
+            return
+        idx = torch.tensor(keep, device=self.device)
+        mask = b.mask[idx]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row still uses
+        layers = [(l.keys[idx, :, start:], l.values[idx, :, start:]) for l in b.cache.layers]
+        self.batch = Batch(DynamicCache(layers), mask[:, start:], b.positions[idx], [b.ranks[i] for i in keep])
+
+    def reset(self) -> None:
+        self.batch = Batch()
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zero-pad ``t`` on the left of ``dim`` to ``width`` (KV: (B, H, L, D) → dim 2; mask: dim 1)."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

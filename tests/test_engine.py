@@ -1,0 +1,208 @@
+"""The engine without HTTP: batching never changes results; sampling, stops, aborts, deadlines."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import load_tiny
+from server.engine import Engine, EngineConfig, Event, GenerationRequest, _partial_stop
+from server.runner import ModelRunner
+from server.sampling import SamplingParams, filter_logits
+from trainer.inject import AdapterConfig, NestedAdapter
+
+PROMPTS = ["Ada has 12 apples and gets 7 more.", "Question: how many", "Ben",
+           "Chen shares 40 coins equally among 4 friends. How many does each friend get?",
+           "Dara had 30 stamps", "the a an of to is was"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    model, tok = load_tiny(tiny_model_dir)
+    torch.manual_seed(3)
+    adapter = NestedAdapter.inject(model, AdapterConfig(r=8))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.lora_Bt.normal_(std=0.3)  # strong enough that every rank answers differently
+    return model, tok, adapter
+
+
+def make_engine(setup, **cfg) -> Engine:
+    model, tok, adapter = setup
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    return Engine(runner, tok, EngineConfig(**cfg), adapter.config.ranks, auto_rank=lambda: 8)
+
+
+def reference(setup, prompt_ids: list[int], rank: int, n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """One request alone, the plain way: full forward over the whole sequence at each step."""
+    model, tok, adapter = setup
+    adapter.set_rank(rank)
+    ids, steps = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            steps.append(logits)
+            nxt = int(logits.argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+    return ids[len(prompt_ids):], steps
+
+
+class Collector:
+    def __init__(self):
+        self.events: list[Event] = []
+        self.done = threading.Event()
+
+    def __call__(self, ev: Event) -> None:
+        self.events.append(ev)
+        if ev.done:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    @property
+    def final(self) -> Event:
+        return self.events[-1]
+
+
+def run_all(engine: Engine, reqs: list[GenerationRequest]) -> None:
+    engine.start()
+    try:
+        for r in reqs:
+            engine.submit(r)
+        for r in reqs:
+            assert r.sink.done.wait(60)
+    finally:
+        engine.stop()
+
+
+def test_concurrent_mixed_rank_greedy_equals_one_at_a_time(setup):
+    model, tok, adapter = setup
+    ranks = [8, 0, 2, 1, 4, 8, 0]
+    prompts = PROMPTS + PROMPTS[:1]  # the last: the first prompt again, at rank 0
+    engine = make_engine(setup, max_batch_size=4)  # 7 requests through 4 slots: joins and leaves
+    reqs = [GenerationRequest(tok(p)["input_ids"], k, SamplingParams(max_new_tokens=10 + 3 * i), Collector())
+            for i, (p, k) in enumerate(zip(prompts, ranks))]
+    run_all(engine, reqs)
+    for r, k in zip(reqs, ranks):
+        expected, _ = reference(setup, r.prompt_ids, k, r.params.max_new_tokens)
+        assert r.sink.final.rank == k
+        assert r.sink.text == tok.decode(expected, skip_special_tokens=True), f"rank {k}"
+    assert not reqs[6].sink.text.startswith(reqs[0].sink.text[:10])  # the rank really applies per row
+
+
+def test_batched_step_logits_match_the_reference_within_tolerance(setup):
+    model, tok, adapter = setup
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    ranks = [4, 0, 8]
+    refs = [reference(setup, p, k, 6)[1] for p, k in zip(prompts, ranks)]
+    new = runner.prefill(prompts[:2], ranks[:2])  # two rows first …
+    runner.join(new)
+    logits = [new.logits]
+    tokens = new.logits.argmax(-1).tolist()
+    late = runner.prefill(prompts[2:], ranks[2:])  # … a third joins between decode steps
+    runner.join(late)
+    steps = [[new.logits[0], new.logits[1]]]
+    tokens.append(int(late.logits.argmax()))
+    first_late = late.logits[0]
+    for _ in range(4):
+        out = runner.decode(tokens)
+        steps.append(list(out))
+        tokens = out.argmax(-1).tolist()
+    torch.testing.assert_close(first_late, refs[2][0], atol=1e-4, rtol=1e-4)
+    for s, step in enumerate(steps):
+        for row in range(2):
+            torch.testing.assert_close(step[row], refs[row][s], atol=1e-4, rtol=1e-4)
+    for s, step in enumerate(steps[1:], 1):
+        torch.testing.assert_close(step[2], refs[2][s], atol=1e-4, rtol=1e-4)
+    runner.leave([2])  # rows 0 and 1 leave; row 2 keeps decoding correctly
+    out = runner.decode(tokens[2:])
+    torch.testing.assert_close(out[0], refs[2][5], atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(setup):
+    _, tok, _ = setup
+    texts = []
+    for seed in [1, 1, 2]:
+        engine = make_engine(setup)
+        c = Collector()
+        params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=seed)
+        run_all(engine, [GenerationRequest(tok(PROMPTS[0])["input_ids"], 8, params, c)])
+        texts.append(c.text)
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+def test_stop_strings_cut_the_text_and_are_never_streamed(setup):
+    _, tok, _ = setup
+    free = Collector()
+    run_all(make_engine(setup), [GenerationRequest(tok(PROMPTS[3])["input_ids"], 8,
+                                                   SamplingParams(max_new_tokens=20), free)])
+    stop = free.text[5:8]
+    assert len(stop) == 3
+    c = Collector()
+    run_all(make_engine(setup), [GenerationRequest(tok(PROMPTS[3])["input_ids"], 8,
+                                                   SamplingParams(max_new_tokens=20, stop=[stop]), c)])
+    assert c.text == free.text[:free.text.index(stop)] and c.final.finish_reason == "stop"
+    assert stop not in c.text
+    assert _partial_stop("abcQues", ["Question:"]) == 4 and _partial_stop("abc", ["xyz"]) == 0
+
+
+def test_max_new_tokens_gives_length_and_usage(setup):
+    _, tok, _ = setup
+    c = Collector()
+    ids = tok(PROMPTS[0])["input_ids"]
+    run_all(make_engine(setup), [GenerationRequest(ids, 2, SamplingParams(max_new_tokens=5), c)])
+    f = c.final
+    assert (f.finish_reason, f.completion_tokens, f.prompt_tokens, f.rank) == ("length", 5, len(ids), 2)
+    assert 0 <= f.queue_s <= f.ttft_s <= f.total_s
+
+
+def test_abort_and_deadline_free_the_slot(setup):
+    _, tok, _ = setup
+    engine = make_engine(setup, max_batch_size=1)
+    ids = tok(PROMPTS[0])["input_ids"]
+    long, expired, after = Collector(), Collector(), Collector()
+    engine.start()
+    try:
+        rid = engine.submit(GenerationRequest(ids, 8, SamplingParams(max_new_tokens=400), long))
+        engine.submit(GenerationRequest(ids, 8, SamplingParams(max_new_tokens=3), expired,
+                                        deadline=time.monotonic() + 0.05))
+        time.sleep(0.2)
+        engine.abort(rid)
+        engine.submit(GenerationRequest(ids, 8, SamplingParams(max_new_tokens=3), after))
+        assert after.done.wait(30)
+    finally:
+        engine.stop()
+    assert long.final.finish_reason == "abort"
+    assert expired.final.finish_reason == "timeout"
+    assert after.final.finish_reason == "length" and engine.running == 0
+
+
+def test_invalid_requests_and_overload_are_refused_up_front(setup):
+    from server.errors import InvalidRequest, Overloaded
+
+    _, tok, _ = setup
+    engine = make_engine(setup, max_queue=1, context_length=64)  # not started: the queue fills
+    ok = GenerationRequest([5, 6], 8, SamplingParams(max_new_tokens=4), Collector())
+    with pytest.raises(InvalidRequest, match=r"valid ranks are \[0, 1, 2, 4, 8\]"):
+        engine.submit(GenerationRequest([5], 3, SamplingParams(), Collector()))
+    with pytest.raises(InvalidRequest, match="exceeds the model's context of 64"):
+        engine.submit(GenerationRequest([5] * 40, 8, SamplingParams(max_new_tokens=30), Collector()))
+    engine.submit(ok)
+    with pytest.raises(Overloaded, match="limit --max-queue 1"):
+        engine.submit(GenerationRequest([5], 8, SamplingParams(max_new_tokens=4), Collector()))
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    assert torch.isfinite(filter_logits(logits, 1.0, 2, 1.0)).tolist() == [True, True, False, False, False]
+    probs = logits.softmax(-1)  # ≈ [.64, .24, .09, .03, .01]
+    kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.8)).tolist()
+    assert kept == [True, True, False, False, False] and probs[0] < 0.8 < probs[:2].sum()
