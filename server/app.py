@@ -1,0 +1,213 @@
+"""The FastAPI app: ``build_app(settings)``; the model loads in the lifespan, never at import.
+
+Routes hold no model logic: they validate, hand off to :class:`server.serving.Serving`, and
+format. Every error leaves through one map (:func:`error_response`) as
+``{"error": {"message", "type", "param"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine import Engine, EngineConfig
+from server.deps import accepting, app_state, authorised
+from server.errors import PayloadTooLarge, ServingError
+from server.metrics import Metrics
+from server.protocol import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, RankInfo, StreamChunk
+from server.protocol import Timings, Usage
+from server.runner import ModelRunner
+from server.serving import ClientGone, Serving
+from server.settings import ServerSettings
+
+log = logging.getLogger("server")
+
+
+@dataclass
+class AppState:
+    settings: ServerSettings
+    serving: Serving
+    engine: Engine
+    metrics: Metrics
+    meta: dict  # the checkpoint's matryoshka.json ({} without an adapter)
+    ready: bool = False
+    draining: bool = False
+
+
+def load_state(settings: ServerSettings) -> AppState:
+    """Load base model + adapter and build the engine (blocking; seconds)."""
+    import torch
+
+    from trainer.checkpoint import load_adapter
+    from trainer.models import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(settings.device)
+    model, tok = load_model(settings.model, device, resolve_dtype(settings.dtype, device))
+    adapter, meta = (None, {})
+    if settings.adapter:
+        adapter, meta = load_adapter(settings.adapter, model)
+        if model.dtype != torch.float32:  # serve the adapter in the base dtype (no autocast here)
+            for layer in adapter.layers.values():
+                layer.to(model.dtype)
+        if settings.merge_rank is not None:
+            adapter.merge(settings.merge_rank)
+    ranks = adapter.config.ranks if adapter else []
+    metrics = Metrics()
+    metrics.set_info(settings.model, settings.adapter or "", ranks, meta.get("scaling", ""), meta.get("method", ""))
+    context = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", tok.model_max_length))
+    engine = Engine(
+        ModelRunner(model, adapter, tok.pad_token_id), tok,
+        EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context),
+        ranks, auto_rank=lambda: ranks[-1] if ranks else 0, on_step=metrics.record,
+    )
+    return AppState(settings, Serving(engine, tok, settings, ranks), engine, metrics, meta)
+
+
+def error_response(exc: ServingError) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(message=exc.message, type=exc.type, param=exc.param))
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if hasattr(exc, "retry_after") else None
+    return JSONResponse(body.model_dump(), status_code=exc.status, headers=headers)
+
+
+def _error(status: int, type_: str, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=ErrorDetail(message=message, type=type_, param=param)).model_dump(),
+                        status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: bodies over ``limit`` bytes get 413 before any handler reads them."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = PayloadTooLarge(f"the request body exceeds {self.limit} bytes (--max-body-bytes)")
+        if length is not None and int(length) > self.limit:
+            return await error_response(too_big)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise too_big
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except PayloadTooLarge as e:
+            await error_response(e)(scope, receive, send)
+
+
+def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAPI:
+    """The app. ``state`` lets tests inject a prepared engine; otherwise the lifespan loads one."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        st = state or await asyncio.to_thread(load_state, settings)
+        app.state.mlora = st
+        st.engine.start()
+        st.ready = True
+        log.info("ready: model %s, adapter %s, ranks %s", settings.model, settings.adapter, [0, *st.serving.ranks])
+        yield
+        st.ready = False
+        st.engine.stop()
+
+    app = FastAPI(title="matryoshka-lora server", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, exc: ServingError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                        + (f" (got {e['input']!r:.60})" if "input" in e and e.get("type") != "missing" else "")
+                        for e in errs)
+        return _error(422, "invalid_request_error", msg, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, "invalid_request_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return _error(500, "server_error", f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request):
+        s = getattr(request.app.state, "mlora", None)
+        ok = s is not None and s.ready and not s.draining
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return Response(generate_latest(app_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/ranks", response_model=RankInfo, dependencies=[Depends(authorised)])
+    async def ranks(request: Request):
+        s = app_state(request)
+        return RankInfo(ranks=[0, *s.serving.ranks], r=s.meta.get("r", 0), scaling=s.meta.get("scaling", "none"),
+                        method=s.meta.get("method", "none"), default_rank=settings.default_rank,
+                        eval=s.meta.get("eval") or {})
+
+    @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(authorised)],
+              responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def generate(body: GenerateRequest, request: Request, s: AppState = Depends(accepting)):
+        serving = s.serving
+        sub = serving.submit(serving.encode_prompt(body.prompt), serving.resolve_rank(body.rank),
+                             body.sampling(serving.max_new_tokens(body.max_new_tokens)), body.timeout)
+        if body.stream:
+            first = await serving.start(sub, request.is_disconnected)
+            return StreamingResponse(_native_events(serving, sub), media_type="text/event-stream",
+                                     headers={"X-Rank": str(first.rank), "Cache-Control": "no-cache"})
+        try:
+            res = await serving.collect(sub, request.is_disconnected)
+        except ClientGone:
+            return Response(status_code=499)
+        f = res.final
+        out = GenerateResponse(text=res.text, rank=f.rank, finish_reason=f.finish_reason,
+                               usage=Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
+                                           total_tokens=f.prompt_tokens + f.completion_tokens),
+                               timings=Timings(queue_s=f.queue_s, ttft_s=f.ttft_s, total_s=f.total_s))
+        return JSONResponse(out.model_dump(), headers={"X-Rank": str(f.rank)})
+
+    from server.openai_routes import router as openai_router
+
+    app.include_router(openai_router)
+    return app
+
+
+async def _native_events(serving: Serving, sub):
+    async for ev in serving.stream(sub):
+        if ev.text:
+            yield f"data: {StreamChunk(text=ev.text, rank=ev.rank).model_dump_json(exclude_none=True)}\n\n"
+        if ev.done:
+            chunk = StreamChunk(done=True, rank=ev.rank, finish_reason=ev.finish_reason,
+                                usage=Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                            total_tokens=ev.prompt_tokens + ev.completion_tokens),
+                                timings=Timings(queue_s=ev.queue_s, ttft_s=ev.ttft_s, total_s=ev.total_s))
+            yield f"data: {chunk.model_dump_json()}\n\n"
+

@@ -1,0 +1,33 @@
+"""FastAPI dependencies shared by the native and OpenAI routes."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from server.errors import Draining, Unauthorized
+
+
+def app_state(request: Request):
+    """The :class:`server.app.AppState` the lifespan built."""
+    return request.app.state.mlora
+
+
+async def authorised(request: Request) -> None:
+    """With ``--api-key``: require ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``)."""
+    key = request.app.state.settings.api_key
+    if not key:
+        return
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
+        or request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+async def accepting(request: Request):
+    """The app state, if new requests are accepted (not starting, not draining): else 503."""
+    s = getattr(request.app.state, "mlora", None)
+    if s is None or s.draining or not s.ready:
+        raise Draining("the server is not accepting requests (starting or shutting down); retry elsewhere")
+    return s

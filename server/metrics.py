@@ -1,0 +1,62 @@
+"""Prometheus metrics, recorded in one place from each engine step's :class:`StepStats`.
+
+Names are ``mlora_<what>_<unit>``; labels are few (rank, status); buckets are explicit.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+
+from server.engine import StepStats
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mlora_requests", "Finished requests by served rank and outcome "
+                                "(stop, length, timeout, abort, error; rank 'none' if never started).",
+                                ["rank", "status"], registry=r)
+        self.queue_depth = Gauge("mlora_queue_depth", "Requests waiting for a batch slot.", registry=r)
+        self.running = Gauge("mlora_running_requests", "Requests in the running batch.", registry=r)
+        self.queue_wait = Histogram("mlora_queue_wait_seconds", "Arrival to admission into the batch.",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("mlora_time_to_first_token_seconds", "Arrival to first generated token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("mlora_inter_token_latency_seconds", "Time between a request's tokens.",
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("mlora_e2e_request_latency_seconds", "Arrival to the final token.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.generated = Counter("mlora_generated_tokens", "Generated tokens by rank.", ["rank"], registry=r)
+        self.prompt_tokens = Counter("mlora_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.batch_size = Histogram("mlora_batch_size", "Rows per engine step.", buckets=BATCH_BUCKETS, registry=r)
+        self.info = Info("mlora_model", "Served base model, adapter and ranks.", registry=r)
+
+    def set_info(self, model: str, adapter: str, ranks: list[int], scaling: str, method: str) -> None:
+        self.info.info({"model": model, "adapter": adapter, "ranks": ",".join(map(str, ranks)),
+                        "scaling": scaling, "method": method})
+
+    def record(self, s: StepStats) -> None:
+        self.queue_depth.set(s.queue_depth)
+        self.running.set(s.running)
+        if s.batch_size:
+            self.batch_size.observe(s.batch_size)
+        for v in s.queue_waits:
+            self.queue_wait.observe(v)
+        for v in s.ttfts:
+            self.ttft.observe(v)
+        for v in s.inter_token:
+            self.itl.observe(v)
+        for rank, n in s.generated.items():
+            self.generated.labels(rank=str(rank)).inc(n)
+        if s.prefill_tokens:
+            self.prompt_tokens.inc(s.prefill_tokens)
+        for rank, status, e2e in s.finished:
+            self.requests.labels(rank="none" if rank is None else str(rank), status=status).inc()
+            if status in ("stop", "length"):
+                self.e2e.observe(e2e)

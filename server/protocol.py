@@ -1,0 +1,154 @@
+"""HTTP request/response models: the one definition the server and the client share.
+
+Unknown fields are rejected (422 naming the field) rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.sampling import SamplingParams
+
+RankField = int | Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_Strict):
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k cut")
+    stop: list[str] | str | None = Field(None, description="stop strings (not included in the text)")
+    seed: int | None = Field(None, description="reproducible sampling")
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        v = [v] if isinstance(v, str) else (v or [])
+        if any(not s for s in v) or len(v) > 8:
+            raise ValueError("stop takes up to 8 non-empty strings")
+        return v
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, stop=list(self.stop or []), seed=self.seed)
+
+
+# -- native API ---------------------------------------------------------------------------------------
+class GenerateRequest(_Sampling):
+    prompt: str = Field(min_length=1)
+    rank: RankField | None = Field(None, description="a rank in {0} ∪ R, or 'auto'; default: the server's")
+    max_new_tokens: int = Field(128, ge=1)
+    timeout: float | None = Field(None, gt=0, description="seconds; the request is dropped after it")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int = 0
+
+
+class Timings(BaseModel):
+    queue_s: float | None
+    ttft_s: float | None
+    total_s: float | None
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    rank: int
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+
+class StreamChunk(BaseModel):
+    """One server-sent event of ``/generate`` with ``stream: true``: token deltas, then a final
+    event (``done: true``) with rank, finish_reason, usage and timings."""
+
+    text: str = ""
+    done: bool = False
+    rank: int | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+class RankInfo(BaseModel):
+    ranks: list[int]
+    r: int
+    scaling: str
+    method: str
+    default_rank: RankField
+    eval: dict = Field(default_factory=dict)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# -- OpenAI-compatible API ------------------------------------------------------------------------------
+class _OpenAIBase(_Sampling):
+    model: str
+    rank: RankField | None = Field(None, description="extension: overrides a rank in the model name")
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    user: str | None = None
+    stream_options: dict | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    timeout: float | None = Field(None, gt=0)
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str | list[str]
+    echo: bool = Field(False, description="not supported: must be false")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError(f"exactly one prompt is supported, got {len(v)}")
+            v = v[0]
+        if not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v):
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def openai_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,42 @@
+"""Server settings: command-line flags, else ``MLORA_*`` environment variables, else defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLORA_", extra="forbid")
+
+    model: str = Field("smollm2-135m", description="base model: local HF folder, hub id, or smollm2-135m")
+    adapter: str | None = Field(None, description="nested-LoRA checkpoint folder (none: base model only)")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    served_name: str = Field("mlora", description="model name in the OpenAI API; NAME@k selects rank k")
+    max_batch_size: int = Field(16, ge=1, description="rows decoded together")
+    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per engine step")
+    max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline of every request (a request may ask less)")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger bodies get 413")
+    api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer KEY'")
+    default_rank: int | Literal["auto"] = Field("auto", description="rank of requests that name none")
+    merge_rank: int | None = Field(None, description="fold this rank into the weights (it then costs "
+                                   "nothing extra; other ranks pay for their difference)")
+    grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("default_rank", mode="before")
+    @classmethod
+    def _rank(cls, v):
+        if isinstance(v, str) and v != "auto":
+            try:
+                return int(v)
+            except ValueError:
+                raise ValueError(f"--default-rank takes 'auto' or an integer rank, got {v!r}") from None
+        return v
