@@ -273,7 +273,7 @@ class Engine:
         """Add one token; send the text that is now final (held back: an unfinished UTF-8
         sequence, or a tail that may still turn into a stop string)."""
         params = row.req.params
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not params.ignore_eos:
             row.finish = "stop"
         else:
             row.generated.append(tok)

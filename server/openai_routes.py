@@ -39,10 +39,14 @@ def served_names(request: Request) -> dict[str, int | str]:
 
 def rank_for(request: Request, body: _OpenAIBase) -> int | str:
     names = served_names(request)
+    serving = app_state(request).serving
+    prefix = app_state(request).settings.served_name + "@"
+    if body.model not in names and body.model.startswith(prefix) and body.model[len(prefix):].isdigit():
+        return serving.resolve_rank(int(body.model[len(prefix):]))  # 422 naming the valid ranks
     if body.model not in names:
         raise ModelNotFound(f"model {body.model!r} is not served here; available: {sorted(names, key=str)}",
                             param="model")
-    return app_state(request).serving.resolve_rank(body.rank if body.rank is not None else names[body.model])
+    return serving.resolve_rank(body.rank if body.rank is not None else names[body.model])
 
 
 @router.get("/models")

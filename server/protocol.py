@@ -27,6 +27,7 @@ class _Sampling(_Strict):
     stop: list[str] | str | None = Field(None, description="stop strings (not included in the text)")
     seed: int | None = Field(None, description="reproducible sampling")
     stream: bool = False
+    ignore_eos: bool = Field(False, description="generate exactly the maximum number of tokens")
 
     @field_validator("stop")
     @classmethod
@@ -38,7 +39,8 @@ class _Sampling(_Strict):
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, stop=list(self.stop or []), seed=self.seed)
+                              top_k=self.top_k, stop=list(self.stop or []), seed=self.seed,
+                              ignore_eos=self.ignore_eos)
 
 
 # -- native API ---------------------------------------------------------------------------------------

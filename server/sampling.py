@@ -17,6 +17,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # reproducible sampling when set
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, load tests)
 
     @property
     def greedy(self) -> bool:

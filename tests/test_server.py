@@ -1,0 +1,232 @@
+"""A real uvicorn server on 127.0.0.1 with a tiny model and a trainer-made checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import ServerProcess
+
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tiny_checkpoint):
+    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint), "--api-key", KEY,
+                        "--max-new-tokens-limit", "400", "--max-body-bytes", "4096").wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+def metric(http, name: str, **labels) -> float:
+    """Sum of the series of ``name`` whose labels include ``labels`` (0 if none)."""
+    total = 0.0
+    for line in http.get("/metrics").text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def wait_metric(http, name: str, expected: float, timeout: float = 10, **labels) -> float:
+    """Metrics are recorded at the end of the engine step that answered: poll briefly."""
+    end = time.monotonic() + timeout
+    while (v := metric(http, name, **labels)) != expected and time.monotonic() < end:
+        time.sleep(0.05)
+    return v
+
+
+def sse(lines) -> list[dict | str]:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_health_ready_and_ranks(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/ready").json() == {"ready": True}
+    info = http.get("/ranks").json()
+    assert info["ranks"] == [0, 1, 2, 4, 8] and info["scaling"] == "sqrt" and info["method"] == "matryoshka"
+
+
+def test_generate_reports_rank_usage_and_timings(http):
+    r = http.post("/generate", json={"prompt": "Ada has 12 apples", "rank": 4, "max_new_tokens": 6})
+    assert r.status_code == 200 and r.headers["x-rank"] == "4"
+    body = r.json()
+    assert body["rank"] == 4 and body["finish_reason"] in ("length", "stop")
+    assert body["usage"]["completion_tokens"] <= 6 and body["usage"]["prompt_tokens"] > 0
+    t = body["timings"]
+    assert 0 <= t["queue_s"] <= t["ttft_s"] <= t["total_s"]
+    auto = http.post("/generate", json={"prompt": "Ada", "rank": "auto", "max_new_tokens": 2}).json()
+    assert auto["rank"] == 8  # no controller yet: auto = the largest rank
+
+
+def test_same_greedy_request_streamed_and_not_gives_the_same_text(http):
+    req = {"prompt": "Chen shares 40 coins", "rank": 2, "max_new_tokens": 12}
+    plain = http.post("/generate", json=req).json()
+    with http.stream("POST", "/generate", json={**req, "stream": True}) as r:
+        assert r.headers["x-rank"] == "2" and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r.iter_lines())
+    final = events[-1]
+    assert final["done"] and final["rank"] == 2 and final["finish_reason"] == plain["finish_reason"]
+    assert "".join(e["text"] for e in events) == plain["text"]
+    assert final["usage"] == plain["usage"]
+
+
+def test_openai_sdk_completions_chat_streaming_and_models(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    ids = [m.id for m in client.models.list().data]
+    assert {"mlora", "mlora@0", "mlora@1", "mlora@8", "mlora@auto"} <= set(ids)
+    c = client.completions.create(model="mlora@2", prompt="Ben has", max_tokens=5)
+    assert c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens <= 5
+    raw = client.completions.with_raw_response.create(model="mlora", prompt="Ben has", max_tokens=3,
+                                                      extra_body={"rank": 1})
+    assert raw.headers["x-rank"] == "1"
+    chat = client.chat.completions.create(model="mlora@4", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=6)
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="mlora@4", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=6, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    cstream = list(client.completions.create(model="mlora@2", prompt="Ben has", max_tokens=5, stream=True))
+    assert "".join(ch.choices[0].text for ch in cstream) == c.choices[0].text
+
+
+def test_openai_sdk_maps_errors(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError, match=r"valid ranks are \[0, 1, 2, 4, 8\]"):
+        client.completions.create(model="mlora@3", prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).completions.create(
+            model="mlora", prompt="x", max_tokens=2)
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"prompt": "x", "rank": 3}, 422, "rank", r"valid ranks are \[0, 1, 2, 4, 8\]"),
+    ({"prompt": "x", "max_new_tokens": 401}, 422, "max_new_tokens", "limit of 400"),
+    ({"prompt": "x " * 300, "max_new_tokens": 400}, 422, "max_new_tokens", "exceeds the model's context of 512"),
+    ({"prompt": "x", "temprature": 0.5}, 422, "temprature", "Extra inputs are not permitted"),
+    ({"prompt": ""}, 422, "prompt", "at least 1 character"),
+    ({"prompt": "x", "top_p": 0}, 422, "top_p", "greater than 0"),
+    ({"prompt": "x" * 5000}, 413, None, "exceeds 4096 bytes"),
+])
+def test_bad_input_gets_one_error_shape(http, body, status, param, message):
+    r = http.post("/generate", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param"} and err["param"] == param
+    assert __import__("re").search(message, err["message"]), err["message"]
+
+
+def test_malformed_json_and_wrong_key_and_unknown_route(server, http):
+    r = http.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/generate", json={"prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/metrics").status_code == 200  # scraping needs no key
+    assert http.get("/nope").status_code == 404
+
+
+def test_deadline_gives_504_and_frees_the_slot(http):
+    before = metric(http, "mlora_requests_total", status="timeout")
+    r = http.post("/generate", json={"prompt": "Ada", "max_new_tokens": 400, "timeout": 0.3,
+                                       "ignore_eos": True})
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+    assert wait_metric(http, "mlora_requests_total", before + 1, status="timeout") == before + 1
+    assert wait_metric(http, "mlora_running_requests", 0) == 0
+
+
+def test_client_disconnect_aborts_the_request(http, server):
+    before = metric(http, "mlora_requests_total", status="abort")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        with c.stream("POST", "/generate", json={"prompt": "Ada", "max_new_tokens": 400, "stream": True,
+                                                      "ignore_eos": True}) as r:
+            next(r.iter_lines())  # one event, then hang up
+    assert wait_metric(http, "mlora_requests_total", before + 1, status="abort") == before + 1
+    assert wait_metric(http, "mlora_running_requests", 0) == 0
+
+
+def test_metrics_count_requests_and_tokens_by_rank(http):
+    before = metric(http, "mlora_generated_tokens_total", rank="1")
+    body = http.post("/generate", json={"prompt": "Ben", "rank": 1, "max_new_tokens": 4}).json()
+    expected = before + body["usage"]["completion_tokens"] + (body["finish_reason"] == "stop")  # + the EOS
+    assert wait_metric(http, "mlora_generated_tokens_total", expected, rank="1") == expected
+    text = http.get("/metrics").text
+    for name in ["mlora_queue_depth", "mlora_time_to_first_token_seconds_bucket", "mlora_batch_size_bucket",
+                 "mlora_inter_token_latency_seconds_bucket", "mlora_e2e_request_latency_seconds_bucket",
+                 "mlora_queue_wait_seconds_bucket", "mlora_prompt_tokens_total", "mlora_model_info"]:
+        assert name in text
+    assert "# HELP mlora_queue_depth" in text
+
+
+def test_full_queue_gives_429_with_retry_after(tiny_model_dir, tiny_checkpoint):
+    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint),
+                        "--max-batch-size", "1", "--max-queue", "1").wait_ready()
+    try:
+        results = []
+
+        def send():
+            r = httpx.post(srv.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 500, "ignore_eos": True},
+                           timeout=120)
+            results.append(r.status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(2)]
+        with httpx.Client(base_url=srv.url) as http:
+            threads[0].start()  # takes the only batch slot …
+            assert wait_metric(http, "mlora_running_requests", 1) == 1
+            threads[1].start()  # … this one fills the queue …
+            assert wait_metric(http, "mlora_queue_depth", 1) == 1
+            r = http.post("/generate", json={"prompt": "Ada", "max_new_tokens": 2})  # … so this is refused
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "--max-queue 1" in r.json()["error"]["message"]
+        for t in threads:
+            t.join()
+        assert results == [200, 200]
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tiny_checkpoint):
+    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint)).wait_ready()
+    result = {}
+
+    def long_request():
+        r = httpx.post(srv.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 500, "ignore_eos": True},
+                       timeout=60)
+        result["status"], result["body"] = r.status_code, r.json()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.5)
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert httpx.get(srv.url + "/ready").status_code == 503
+    refused = httpx.post(srv.url + "/generate", json={"prompt": "x", "max_new_tokens": 2})
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "unavailable_error"
+    t.join(60)
+    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] > 0
+    assert srv.proc.wait(30) == 0
+    srv.stop()
