@@ -176,9 +176,11 @@ class NestedLoRALinear(nn.Module):
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A[:n])  # (..., n)
         if c.dim() == 2:  # one coefficient row per batch row: (rows, n) -> (rows, 1.., n)
             c = c.view(c.shape[0], *([1] * (h.dim() - 2)), n)
-        h = h * c
-        delta = h @ self.lora_Bt[:n]  # (..., out)
-        return y + delta.to(y.dtype)
+        h = h * c  # scale the small (..., n) intermediate, not the (..., out) output
+        if h.dtype != y.dtype and not torch.is_autocast_enabled(y.device.type):
+            return y + (h @ self.lora_Bt[:n]).to(y.dtype)
+        # y + h Bₙ in one fused op: (tokens, out) + (tokens, n) @ (n, out)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, n), self.lora_Bt[:n]).view(y.shape)
 
     def delta_weight(self, k: int, scaling: str) -> torch.Tensor:
         """ΔW at rank k: s(k) · B[:, :k] A[:k], shape (out, in)."""
