@@ -11,8 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.sampling import SamplingParams
-
 RankField = int | Literal["auto"]
 
 
@@ -37,7 +35,10 @@ class _Sampling(_Strict):
             raise ValueError("stop takes up to 8 non-empty strings")
         return v
 
-    def sampling(self, max_new_tokens: int) -> SamplingParams:
+    def sampling(self, max_new_tokens: int):
+        """The engine's SamplingParams (imported here: the client uses this module without torch)."""
+        from server.sampling import SamplingParams
+
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, stop=list(self.stop or []), seed=self.seed,
                               ignore_eos=self.ignore_eos)

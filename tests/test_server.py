@@ -230,3 +230,28 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tiny_che
     assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] > 0
     assert srv.proc.wait(30) == 0
     srv.stop()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_served_at_rank_0_answers_like_the_base_model(tmp_path):
+    """The real model: rank 0 through the server is token-identical to plain greedy ``generate``."""
+    import torch
+
+    from trainer.checkpoint import save_adapter
+    from trainer.inject import AdapterConfig, NestedAdapter
+    from trainer.models import load_model
+
+    model, tok = load_model("smollm2-135m", "cpu", torch.float32)
+    prompt = "Question: Ada has 12 apples and gets 7 more. How many apples does she have?\nAnswer: "
+    ids = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    adapter = NestedAdapter.inject(model, AdapterConfig(r=8))
+    save_adapter(tmp_path / "ckpt", adapter, "smollm2-135m")
+    srv = ServerProcess("--model", "smollm2-135m", "--adapter", str(tmp_path / "ckpt")).wait_ready()
+    try:
+        r = httpx.post(srv.url + "/generate", json={"prompt": prompt, "rank": 0, "max_new_tokens": 16}, timeout=120)
+        assert r.status_code == 200 and r.json()["text"] == expected and "19" in expected
+    finally:
+        assert srv.stop() == 0
