@@ -1,0 +1,172 @@
+"""The load-adaptive rank controller: a pure function of observed stats and time → a rank.
+
+:func:`decide` does no I/O and keeps no hidden state: give it an :class:`Observation`, the
+previous :class:`ControllerState` and the :class:`ControllerConfig`, and it returns a
+:class:`Decision` (the new state and a reason from :data:`REASONS`). The engine calls it from
+its loop; tests call it on made-up traces.
+
+Policies:
+
+* ``threshold`` — levels of the queue depth, smoothed (EWMA, time constant ``smooth_s``), with
+  hysteresis: one rung down when it reaches ``down_queue`` and the rank has been held
+  ``dwell_s``; one rung up when it is at or below ``up_queue`` and the rank has been held
+  ``up_dwell_factor × dwell_s`` (quicker down than up). Between the levels nothing changes, so
+  a noisy steady load does not oscillate.
+* ``slo`` — the most accurate rank whose measured throughput sustains the observed demand
+  (``tokens/s needed × headroom``); if p95 latency exceeds ``slo_p95_s`` anyway, one rung down.
+  Up-moves also wait ``up_dwell_factor × dwell_s``.
+* ``off`` — always the largest allowed rank.
+
+The ladder is ``{0} ∪ R`` limited to ``[min_rank, max_rank]``; rank 0 (the base model) is the
+last rung when ``min_rank`` is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+REASONS = ("hold", "dwell", "queue_high", "queue_low", "slo_violation", "capacity_short", "capacity_ok", "off")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    policy: Literal["threshold", "slo", "off"] = "threshold"
+    ladder: tuple[int, ...] = (0,)  # allowed ranks, ascending
+    dwell_s: float = 5.0  # min time between switches (down)
+    up_dwell_factor: float = 3.0  # up-moves wait this × dwell_s: quicker down than up
+    down_queue: float = 4.0  # threshold: smoothed queue depth that triggers a downshift
+    up_queue: float = 0.5  # smoothed queue depth at or below which an upshift may happen
+    smooth_s: float = 5.0  # time constant of the queue-depth EWMA
+    slo_p95_s: float = 10.0  # slo: target p95 end-to-end latency
+    headroom: float = 1.2  # slo: capacity must exceed demand by this factor
+
+    @classmethod
+    def build(cls, ranks: list[int], min_rank: int | None = None, max_rank: int | None = None,
+              **kw) -> "ControllerConfig":
+        full = [0, *ranks]
+        lo = full[0] if min_rank is None else min_rank
+        hi = full[-1] if max_rank is None else max_rank
+        ladder = tuple(k for k in full if lo <= k <= hi)
+        if not ladder:
+            raise ValueError(f"--min-rank {lo} / --max-rank {hi} leave no rank of {full} to serve")
+        return cls(ladder=ladder, **kw)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the controller sees at time ``t`` (seconds, monotonic)."""
+
+    t: float
+    queue_depth: float = 0.0  # waiting requests (cluster-wide when read through PromQL)
+    running: float = 0.0
+    arrival_rate: float = 0.0  # requests/s over the recent window
+    tokens_per_request: float = 0.0  # mean generated tokens per finished request (recent)
+    p95_e2e_s: float | None = None
+    p50_e2e_s: float | None = None
+    p95_queue_wait_s: float | None = None
+    p95_ttft_s: float | None = None
+    tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    rank: int
+    since: float = 0.0  # when the rank was last changed
+    queue_avg: float = 0.0  # EWMA of the queue depth
+    t: float | None = None  # time of the last observation
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: ControllerState
+    reason: str
+    changed: int = 0  # -1 down, +1 up, 0 none
+
+    @property
+    def rank(self) -> int:
+        return self.state.rank
+
+
+def initial_state(cfg: ControllerConfig, t: float = 0.0) -> ControllerState:
+    return ControllerState(rank=cfg.ladder[-1], since=t)
+
+
+def decide(obs: Observation, state: ControllerState, cfg: ControllerConfig,
+           throughput: dict[int, float] | None = None) -> Decision:
+    """The next state. ``throughput``: measured tokens/s per rank at a full batch (slo policy)."""
+    state = _smooth(state, obs, cfg)
+    if cfg.policy == "off":
+        return _move(state, cfg.ladder[-1], obs.t, "off")
+    rung = cfg.ladder.index(state.rank) if state.rank in cfg.ladder else len(cfg.ladder) - 1
+    held = obs.t - state.since
+    if cfg.policy == "threshold":
+        want, why = _threshold(state, rung, cfg)
+    else:
+        want, why = _slo(obs, state, rung, cfg, throughput or {})
+    if want == rung:
+        return Decision(state, why)
+    needed = cfg.dwell_s * (cfg.up_dwell_factor if want > rung else 1.0)
+    if held < needed:
+        return Decision(state, "dwell")
+    return _move(state, cfg.ladder[want], obs.t, why)
+
+
+def _smooth(state: ControllerState, obs: Observation, cfg: ControllerConfig) -> ControllerState:
+    """Fold the new queue depth into the EWMA: weight 1 − exp(−Δt / smooth_s)."""
+    if state.t is None:
+        return replace(state, queue_avg=obs.queue_depth, t=obs.t)
+    w = 1.0 - math.exp(-max(obs.t - state.t, 0.0) / cfg.smooth_s) if cfg.smooth_s > 0 else 1.0
+    return replace(state, queue_avg=state.queue_avg + w * (obs.queue_depth - state.queue_avg), t=obs.t)
+
+
+def _threshold(state: ControllerState, rung: int, cfg: ControllerConfig) -> tuple[int, str]:
+    if state.queue_avg >= cfg.down_queue and rung > 0:
+        return rung - 1, "queue_high"
+    if state.queue_avg <= cfg.up_queue and rung < len(cfg.ladder) - 1:
+        return rung + 1, "queue_low"
+    return rung, "hold"
+
+
+def _slo(obs: Observation, state: ControllerState, rung: int, cfg: ControllerConfig,
+         throughput: dict[int, float]) -> tuple[int, str]:
+    if obs.p95_e2e_s is not None and obs.p95_e2e_s > cfg.slo_p95_s and rung > 0:
+        return rung - 1, "slo_violation"
+    demand = obs.arrival_rate * max(obs.tokens_per_request, 1.0) * cfg.headroom
+    fits = [i for i, k in enumerate(cfg.ladder) if throughput.get(k, float("inf")) >= demand]
+    best = fits[-1] if fits else 0
+    if best < rung:
+        return rung - 1, "capacity_short"  # one rung at a time
+    if best > rung and state.queue_avg <= cfg.up_queue:
+        return rung + 1, "capacity_ok"
+    return rung, "hold"
+
+
+def _move(state: ControllerState, rank: int, t: float, reason: str) -> Decision:
+    if rank == state.rank:
+        return Decision(state, reason)
+    return Decision(replace(state, rank=rank, since=t), reason, 1 if rank > state.rank else -1)
+
+
+@dataclass
+class Trace:
+    """Helper for tests and benchmarks: run ``decide`` over a list of observations."""
+
+    cfg: ControllerConfig
+    throughput: dict[int, float] | None = None
+    decisions: list[Decision] = field(default_factory=list)
+
+    def run(self, observations: list[Observation]) -> list[int]:
+        state = initial_state(self.cfg, observations[0].t if observations else 0.0)
+        ranks = []
+        for obs in observations:
+            d = decide(obs, state, self.cfg, self.throughput)
+            self.decisions.append(d)
+            state = d.state
+            ranks.append(state.rank)
+        return ranks
+
+    @property
+    def switches(self) -> int:
+        return sum(1 for d in self.decisions if d.changed)

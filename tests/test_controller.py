@@ -1,0 +1,96 @@
+"""The controller's pure decision function on made-up traces: step, ramp, noise, spike, recovery."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from server.controller import REASONS, ControllerConfig, Observation, Trace, decide, initial_state
+
+R = [1, 2, 4, 8, 16]
+LADDER = (0, 1, 2, 4, 8, 16)
+
+
+def cfg(**kw) -> ControllerConfig:
+    return ControllerConfig.build(R, dwell_s=2.0, up_dwell_factor=3.0, down_queue=4, up_queue=0.5, **kw)
+
+
+def trace(queue: list[float], dt: float = 0.5, **kw) -> list[Observation]:
+    return [Observation(t=i * dt, queue_depth=q, **kw) for i, q in enumerate(queue)]
+
+
+def test_idle_stays_at_the_max_rank():
+    t = Trace(cfg())
+    assert set(t.run(trace([0] * 100))) == {16} and t.switches == 0
+
+
+def test_step_overload_goes_down_one_rung_per_dwell_to_the_base_model():
+    t = Trace(cfg())
+    ranks = t.run(trace([10] * 60))  # 30 s of a deep queue
+    assert ranks[-1] == 0
+    changes = [(d.state.since, d.rank) for d in t.decisions if d.changed]
+    assert [r for _, r in changes] == [8, 4, 2, 1, 0]  # one rung at a time
+    times = [s for s, _ in changes]
+    assert all(b - a >= 2.0 for a, b in zip(times, times[1:]))  # never faster than the dwell
+
+
+def test_recovery_goes_up_slower_than_it_went_down():
+    t = Trace(cfg())
+    ranks = t.run(trace([10] * 40 + [0] * 120))
+    down = [d.state.since for d in t.decisions if d.changed == -1]
+    up = [d.state.since for d in t.decisions if d.changed == 1]
+    assert ranks[-1] == 16 and len(up) == 5
+    assert min(b - a for a, b in zip(up, up[1:])) >= 6.0 > max(b - a for a, b in zip(down, down[1:]))
+    # back at max rank within the EWMA's decay to the up level (5 s × ln 20 ≈ 15 s) + 5 up-dwells
+    assert up[-1] - 20 <= 15 + 5 * 6.0 + 0.5
+
+
+def test_noise_between_the_levels_never_switches():
+    rng = random.Random(0)
+    t = Trace(cfg())
+    t.run(trace([rng.choice([1, 2, 3]) for _ in range(600)]))  # 5 minutes of a noisy, steady queue
+    assert t.switches == 0
+
+
+def test_noise_around_a_level_switches_at_most_twice_a_minute():
+    rng = random.Random(1)
+    t = Trace(cfg())
+    t.run(trace([max(0, rng.gauss(3, 2)) for _ in range(1200)]))  # 10 minutes, crossing both levels
+    assert t.switches <= 2 * 10
+
+
+def test_a_short_spike_moves_one_rung_at_most():
+    t = Trace(cfg())
+    ranks = t.run(trace([0] * 20 + [20] * 3 + [0] * 40))
+    assert min(ranks) == 8 and ranks[-1] == 16
+
+
+def test_bounds_limit_the_ladder():
+    c = ControllerConfig.build(R, min_rank=4, max_rank=8, dwell_s=0.5)
+    assert c.ladder == (4, 8)
+    assert set(Trace(c).run(trace([10] * 40))) <= {4, 8}
+    with pytest.raises(ValueError, match="leave no rank"):
+        ControllerConfig.build(R, min_rank=32)
+
+
+def test_slo_policy_picks_the_most_accurate_rank_that_sustains_demand():
+    tput = {0: 100.0, 1: 95.0, 2: 94.0, 4: 90.0, 8: 80.0, 16: 60.0}  # tokens/s at a full batch
+    c = cfg(policy="slo", slo_p95_s=5.0, headroom=1.0)
+    # 1.5 req/s × 50 tokens = 75 tokens/s: rank 8 sustains it (80), rank 16 (60) does not
+    obs = [Observation(t=i * 0.5, arrival_rate=1.5, tokens_per_request=50, queue_depth=2) for i in range(40)]
+    t = Trace(c, tput)
+    assert t.run(obs)[-1] == 8 and t.switches == 1
+    # p95 over the SLO forces a further rung down even where capacity looks sufficient
+    hot = [Observation(t=20 + i * 0.5, arrival_rate=1.5, tokens_per_request=50, p95_e2e_s=9.0) for i in range(10)]
+    d = decide(hot[-1], t.decisions[-1].state, c, tput)
+    assert d.rank == 4 and d.reason == "slo_violation"
+
+
+def test_off_policy_holds_the_max_rank_and_reasons_are_from_the_fixed_set():
+    t = Trace(cfg(policy="off"))
+    assert set(t.run(trace([50] * 20))) == {16}
+    t2 = Trace(cfg())
+    t2.run(trace([10] * 30 + [0] * 60 + [2] * 10))
+    assert {d.reason for d in t.decisions + t2.decisions} <= set(REASONS)
+    assert initial_state(cfg()).rank == LADDER[-1]
