@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.control import ClusterSignals, RankController, calibrate
+from server.controller import ControllerConfig
 from server.engine import Engine, EngineConfig
 from server.deps import accepting, app_state, authorised
 from server.errors import PayloadTooLarge, ServingError
@@ -38,6 +40,8 @@ class AppState:
     engine: Engine
     metrics: Metrics
     meta: dict  # the checkpoint's matryoshka.json ({} without an adapter)
+    controller: RankController
+    throughput: dict[int, float]  # measured decode tokens/s per rank ({} if not calibrated)
     ready: bool = False
     draining: bool = False
 
@@ -47,7 +51,7 @@ def load_state(settings: ServerSettings) -> AppState:
     import torch
 
     from trainer.checkpoint import load_adapter
-    from trainer.models import load_model, resolve_device, resolve_dtype
+    from trainer.models import cache_dir, load_model, resolve_device, resolve_dtype
 
     device = resolve_device(settings.device)
     model, tok = load_model(settings.model, device, resolve_dtype(settings.dtype, device))
@@ -63,12 +67,26 @@ def load_state(settings: ServerSettings) -> AppState:
     metrics = Metrics()
     metrics.set_info(settings.model, settings.adapter or "", ranks, meta.get("scaling", ""), meta.get("method", ""))
     context = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", tok.model_max_length))
-    engine = Engine(
-        ModelRunner(model, adapter, tok.pad_token_id), tok,
-        EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context),
-        ranks, auto_rank=lambda: ranks[-1] if ranks else 0, on_step=metrics.record,
-    )
-    return AppState(settings, Serving(engine, tok, settings, ranks), engine, metrics, meta)
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    throughput = {}
+    if adapter is not None and settings.calibrate_steps > 0:
+        key = {"model": settings.model, "adapter": meta.get("adapter_sha256"), "device": str(device),
+               "dtype": str(model.dtype), "batch": settings.max_batch_size, "steps": settings.calibrate_steps,
+               "merge_rank": settings.merge_rank}
+        prompt = tok("Question: how many apples are left?\nAnswer: ")["input_ids"]
+        throughput = calibrate(runner, prompt, [0, *ranks], settings.max_batch_size, settings.calibrate_steps,
+                               cache_dir(), key)
+        log.info("measured decode tokens/s per rank at batch %d: %s", settings.max_batch_size, throughput)
+    cfg = ControllerConfig.build(ranks, settings.min_rank, settings.max_rank, policy=settings.controller,
+                                 dwell_s=settings.dwell_s, down_queue=settings.down_queue,
+                                 up_queue=settings.up_queue, smooth_s=settings.smooth_s,
+                                 slo_p95_s=settings.slo_p95_ms / 1000)
+    cluster = ClusterSignals(settings.prometheus_url) if settings.prometheus_url else None
+    controller = RankController(cfg, metrics, throughput, cluster)
+    engine = Engine(runner, tok,
+                    EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context),
+                    ranks, auto_rank=lambda: controller.rank, on_step=metrics.record, on_tick=controller.tick)
+    return AppState(settings, Serving(engine, tok, settings, ranks), engine, metrics, meta, controller, throughput)
 
 
 def error_response(exc: ServingError) -> JSONResponse:
@@ -119,6 +137,8 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         st = state or await asyncio.to_thread(load_state, settings)
         app.state.mlora = st
         st.engine.start()
+        if st.controller.cluster is not None:
+            st.controller.cluster.start()
         st.ready = True
         log.info("ready: model %s, adapter %s, ranks %s", settings.model, settings.adapter, [0, *st.serving.ranks])
         log.info("try:  curl -s http://%s:%s/generate -H 'content-type: application/json' "
@@ -128,6 +148,8 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         yield
         st.ready = False
         st.engine.stop()
+        if st.controller.cluster is not None:
+            st.controller.cluster.stop()
 
     app = FastAPI(title="matryoshka-lora server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -175,14 +197,16 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         s = app_state(request)
         return RankInfo(ranks=[0, *s.serving.ranks], r=s.meta.get("r", 0), scaling=s.meta.get("scaling", "none"),
                         method=s.meta.get("method", "none"), default_rank=settings.default_rank,
-                        eval=s.meta.get("eval") or {})
+                        eval=s.meta.get("eval") or {}, throughput={str(k): v for k, v in s.throughput.items()},
+                        controller=s.controller.describe())
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(authorised)],
               responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 504: {"model": ErrorBody}})
     async def generate(body: GenerateRequest, request: Request, s: AppState = Depends(accepting)):
         serving = s.serving
         sub = serving.submit(serving.encode_prompt(body.prompt), serving.resolve_rank(body.rank),
-                             body.sampling(serving.max_new_tokens(body.max_new_tokens)), body.timeout)
+                             body.sampling(serving.max_new_tokens(body.max_new_tokens)), body.timeout,
+                             elastic=body.rank_policy == "elastic")
         if body.stream:
             first = await serving.start(sub, request.is_disconnected)
             return StreamingResponse(_native_events(serving, sub), media_type="text/event-stream",

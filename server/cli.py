@@ -26,6 +26,11 @@ FLAGS = {  # flag → (settings field, type)
     "--request-timeout-s": ("request_timeout_s", float), "--max-body-bytes": ("max_body_bytes", int),
     "--api-key": ("api_key", str), "--default-rank": ("default_rank", str), "--merge-rank": ("merge_rank", int),
     "--grace-period-s": ("grace_period_s", float), "--log-level": ("log_level", str),
+    "--controller": ("controller", str), "--min-rank": ("min_rank", int), "--max-rank": ("max_rank", int),
+    "--dwell-s": ("dwell_s", float), "--down-queue": ("down_queue", float), "--up-queue": ("up_queue", float),
+    "--smooth-s": ("smooth_s", float),
+    "--slo-p95-ms": ("slo_p95_ms", float), "--prometheus-url": ("prometheus_url", str),
+    "--calibrate-steps": ("calibrate_steps", int),
 }
 
 

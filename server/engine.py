@@ -60,6 +60,7 @@ class GenerationRequest:
     params: SamplingParams
     sink: Callable[[Event], None]
     deadline: float | None = None  # time.monotonic() after which the request is dropped
+    elastic: bool = False  # rank is a ceiling the controller may lower under load
     id: str = ""
     arrival: float = field(default_factory=time.monotonic)
 
@@ -83,6 +84,7 @@ class StepStats:
 
     queue_depth: int = 0
     running: int = 0
+    arrivals: int = 0  # requests submitted since the previous step
     batch_size: int = 0
     prefill_tokens: int = 0
     queue_waits: list[float] = field(default_factory=list)
@@ -106,13 +108,17 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, ranks: list[int],
-                 auto_rank: RankPolicy, on_step: Callable[[StepStats], None] | None = None):
+                 auto_rank: RankPolicy, on_step: Callable[[StepStats], None] | None = None,
+                 on_tick: Callable[[], None] | None = None, tick_s: float = 0.5):
         self.runner = runner
         self.tok = tokenizer
         self.config = config
         self.ranks = [0, *ranks]
         self.auto_rank = auto_rank
         self.on_step = on_step or (lambda s: None)
+        self.on_tick = on_tick or (lambda: None)  # the rank controller; also runs while idle
+        self.tick_s = tick_s
+        self._arrivals = 0
         eos = runner.model.generation_config.eos_token_id if runner.model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {e for e in [*eos, tokenizer.eos_token_id] if e is not None}
@@ -151,6 +157,7 @@ class Engine:
                                  f"{self.config.max_queue}); retry later", retry_after=1.0)
             req.id = req.id or f"req-{next(self._ids)}"
             self._waiting.append(req)
+            self._arrivals += 1
             self._cv.notify()
         return req.id
 
@@ -186,12 +193,15 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._rows and not self._aborted:
-                    self._cv.wait()
+                if not self._stop and not self._waiting and not self._rows and not self._aborted:
+                    self._cv.wait(self.tick_s)
                 if self._stop:
                     break
+                work = self._waiting or self._rows or self._aborted or self._arrivals
             try:
-                self.step()
+                self.on_tick()
+                if work:
+                    self.step()
             except Exception as e:  # a broken engine must not hang its clients
                 log.exception("engine step failed")
                 self._fail_all(e)
@@ -215,6 +225,7 @@ class Engine:
         now = time.monotonic()
         with self._cv:
             aborted, self._aborted = self._aborted, set()
+            stats.arrivals, self._arrivals = self._arrivals, 0
             kept = collections.deque()
             for req in self._waiting:
                 if req.id in aborted:
@@ -246,6 +257,8 @@ class Engine:
         rows = []
         for req in reqs:
             rank = self.auto_rank() if req.rank == AUTO else req.rank
+            if req.elastic and req.rank != AUTO:
+                rank = min(rank, self.auto_rank())  # a ceiling the controller may lower
             rows.append(_Row(req, rank, make_generator(req.params.seed), admitted=now))
             stats.queue_waits.append(now - req.arrival)
         stats.prefill_tokens = sum(len(r.prompt_ids) for r in reqs)

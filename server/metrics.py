@@ -36,6 +36,14 @@ class Metrics:
         self.prompt_tokens = Counter("mlora_prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.batch_size = Histogram("mlora_batch_size", "Rows per engine step.", buckets=BATCH_BUCKETS, registry=r)
         self.info = Info("mlora_model", "Served base model, adapter and ranks.", registry=r)
+        self.received = Counter("mlora_requests_received", "Requests accepted into the queue.", registry=r)
+        self.auto_rank = Gauge("mlora_current_auto_rank", "Rank the controller gives 'auto' requests now.",
+                               registry=r)
+        self.switches = Counter("mlora_rank_switches", "Controller rank changes.", ["direction"], registry=r)
+        self.decisions = Counter("mlora_controller_decisions", "Controller decisions by reason.", ["reason"],
+                                 registry=r)
+        for d in ("up", "down"):
+            self.switches.labels(direction=d)
 
     def set_info(self, model: str, adapter: str, ranks: list[int], scaling: str, method: str) -> None:
         self.info.info({"model": model, "adapter": adapter, "ranks": ",".join(map(str, ranks)),
@@ -43,6 +51,8 @@ class Metrics:
 
     def record(self, s: StepStats) -> None:
         self.queue_depth.set(s.queue_depth)
+        if s.arrivals:
+            self.received.inc(s.arrivals)
         self.running.set(s.running)
         if s.batch_size:
             self.batch_size.observe(s.batch_size)

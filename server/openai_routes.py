@@ -60,7 +60,8 @@ async def models(request: Request):
 async def completions(body: CompletionRequest, request: Request, s=Depends(accepting)):
     serving: Serving = s.serving
     sub = serving.submit(serving.encode_prompt(body.prompt), rank_for(request, body),
-                         body.sampling(serving.max_new_tokens(body.max_tokens)), body.timeout)
+                         body.sampling(serving.max_new_tokens(body.max_tokens)), body.timeout,
+                         elastic=body.rank_policy == "elastic")
     return await _respond(serving, sub, body, request, chat=False)
 
 
@@ -72,7 +73,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, s=Depe
                              param="messages")
     ids = serving.encode_chat([m.model_dump() for m in body.messages])
     n = body.max_completion_tokens or body.max_tokens
-    sub = serving.submit(ids, rank_for(request, body), body.sampling(serving.max_new_tokens(n)), body.timeout)
+    sub = serving.submit(ids, rank_for(request, body), body.sampling(serving.max_new_tokens(n)), body.timeout,
+                         elastic=body.rank_policy == "elastic")
     return await _respond(serving, sub, body, request, chat=True)
 
 

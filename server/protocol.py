@@ -48,6 +48,8 @@ class _Sampling(_Strict):
 class GenerateRequest(_Sampling):
     prompt: str = Field(min_length=1)
     rank: RankField | None = Field(None, description="a rank in {0} ∪ R, or 'auto'; default: the server's")
+    rank_policy: Literal["fixed", "elastic"] = Field(
+        "fixed", description="elastic: the rank is a ceiling the controller may lower under load")
     max_new_tokens: int = Field(128, ge=1)
     timeout: float | None = Field(None, gt=0, description="seconds; the request is dropped after it")
 
@@ -91,6 +93,8 @@ class RankInfo(BaseModel):
     method: str
     default_rank: RankField
     eval: dict = Field(default_factory=dict)
+    throughput: dict[str, float] = Field(default_factory=dict, description="measured decode tokens/s per rank")
+    controller: dict = Field(default_factory=dict)
 
 
 class ErrorDetail(BaseModel):
@@ -107,6 +111,7 @@ class ErrorBody(BaseModel):
 class _OpenAIBase(_Sampling):
     model: str
     rank: RankField | None = Field(None, description="extension: overrides a rank in the model name")
+    rank_policy: Literal["fixed", "elastic"] = "fixed"
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     user: str | None = None

@@ -28,6 +28,17 @@ class ServerSettings(BaseSettings):
     default_rank: int | Literal["auto"] = Field("auto", description="rank of requests that name none")
     merge_rank: int | None = Field(None, description="fold this rank into the weights (it then costs "
                                    "nothing extra; other ranks pay for their difference)")
+    controller: Literal["threshold", "slo", "off"] = Field(
+        "threshold", description="how 'auto' (and elastic) requests get their rank under load")
+    min_rank: int | None = Field(None, ge=0, description="lowest rank the controller may choose (0: base model)")
+    max_rank: int | None = Field(None, ge=0, description="highest rank the controller may choose")
+    dwell_s: float = Field(5.0, ge=0, description="min seconds between controller switches (up: 3×)")
+    down_queue: float = Field(4.0, gt=0, description="threshold: smoothed queue depth that lowers the rank")
+    up_queue: float = Field(0.5, ge=0, description="threshold: smoothed queue depth that allows raising it")
+    smooth_s: float = Field(5.0, ge=0, description="time constant of the controller's queue-depth average")
+    slo_p95_ms: float = Field(10_000.0, gt=0, description="slo: p95 end-to-end latency target")
+    prometheus_url: str | None = Field(None, description="read cluster-wide queue depth with PromQL from here")
+    calibrate_steps: int = Field(4, ge=0, description="decode steps per rank measured at startup (0: skip); cached")
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

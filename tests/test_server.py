@@ -72,7 +72,7 @@ def test_generate_reports_rank_usage_and_timings(http):
     t = body["timings"]
     assert 0 <= t["queue_s"] <= t["ttft_s"] <= t["total_s"]
     auto = http.post("/generate", json={"prompt": "Ada", "rank": "auto", "max_new_tokens": 2}).json()
-    assert auto["rank"] == 8  # no controller yet: auto = the largest rank
+    assert auto["rank"] == 8  # an idle controller holds the largest rank
 
 
 def test_same_greedy_request_streamed_and_not_gives_the_same_text(http):
@@ -255,3 +255,39 @@ def test_embedded_smollm2_served_at_rank_0_answers_like_the_base_model(tmp_path)
         assert r.status_code == 200 and r.json()["text"] == expected and "19" in expected
     finally:
         assert srv.stop() == 0
+
+
+def test_controller_lowers_the_rank_under_a_burst_and_raises_it_again(tiny_model_dir, tiny_checkpoint):
+    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint), "--max-batch-size", "2",
+                        "--dwell-s", "0.5", "--down-queue", "2", "--smooth-s", "0.5", "--calibrate-steps", "2").wait_ready()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as http:
+            info = http.get("/ranks").json()
+            assert set(info["throughput"]) == {"0", "1", "2", "4", "8"} and info["controller"]["rank"] == 8
+            results = []
+
+            def send(policy):
+                r = http.post("/generate", json={"prompt": "Ada", "max_new_tokens": 60, "ignore_eos": True,
+                                                 "rank": 8 if policy == "elastic" else "auto", "rank_policy": policy})
+                results.append(r.json()["rank"])
+
+            burst = [threading.Thread(target=send, args=("elastic" if i % 2 else "fixed",)) for i in range(16)]
+            for t in burst:
+                t.start()
+            lowest = 8
+            end = time.monotonic() + 60
+            while any(t.is_alive() for t in burst) and time.monotonic() < end:
+                lowest = min(lowest, metric(http, "mlora_current_auto_rank"))
+                time.sleep(0.1)
+            for t in burst:
+                t.join()
+            assert lowest < 8 and min(results) < 8  # downshifted under the burst, and requests saw it
+            assert metric(http, "mlora_rank_switches_total", direction="down") >= 1
+            t_idle = time.monotonic()
+            assert wait_metric(http, "mlora_current_auto_rank", 8, timeout=30) == 8  # back up once idle
+            recovered = time.monotonic() - t_idle
+            assert recovered < 30
+            assert metric(http, "mlora_controller_decisions_total") > 0
+            assert metric(http, "mlora_rank_switches_total", direction="up") >= 1
+    finally:
+        srv.stop()
