@@ -1,4 +1,4 @@
-"""``client`` command line: ``generate``, ``ranks`` (and ``bench``, the load generator)."""
+"""``client`` command line: ``generate``, ``ranks`` and ``bench`` (the load generator)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the whole response as JSON")
 
     sub.add_parser("ranks", help="the served ranks, scaling and per-rank eval table")
+    from client.loadgen import add_parser
+
+    add_parser(sub)
     return p
 
 

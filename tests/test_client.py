@@ -105,3 +105,34 @@ def test_cli_generate_and_errors(server):
     assert bad.returncode == 1 and "valid ranks are [0, 1, 2, 4, 8]" in bad.stderr
     ranks = subprocess.run(base + ["ranks"], capture_output=True, text=True, timeout=60)
     assert ranks.returncode == 0 and '"scaling": "sqrt"' in ranks.stdout
+
+
+def test_cli_bench_writes_report_and_plot(server, tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "client", "--url", server.url, "--api-key", KEY, "bench",
+                           "--schedule", "4:2,1:1", "--max-new-tokens", "4", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    doc = json.loads((out / "report.json").read_text())
+    assert [p["rate"] for p in doc["schedule"]] == [4.0, 1.0]
+    assert doc["requests"] and all(r["status"] in ("ok", "overloaded") for r in doc["requests"])
+    assert any(r["status"] == "ok" and r["completion_tokens"] == 4 for r in doc["requests"])
+    assert len(doc["seconds"]) >= 3 and doc["seconds"][0]["auto_rank"] == 8
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "phase" in proc.stdout and "p95" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "client", "bench", "--schedule", "fast", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "RATE:SECONDS" in bad.stderr
+
+
+def test_schedule_arrivals_are_seeded_poisson():
+    from client.loadgen import arrivals, parse_schedule
+
+    phases = parse_schedule("10:20,0:5,2:10")
+    a, b = arrivals(phases, 1), arrivals(phases, 1)
+    assert a == b and a != arrivals(phases, 2)
+    counts = [sum(1 for _, p in a if p == i) for i in range(3)]
+    assert 150 < counts[0] < 250 and counts[1] == 0 and 8 < counts[2] < 35
+    assert all(20 <= t < 25 for t, p in a if p == 1) or counts[1] == 0
