@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
 import threading
 import time
 
@@ -291,3 +293,43 @@ def test_controller_lowers_the_rank_under_a_burst_and_raises_it_again(tiny_model
             assert metric(http, "mlora_rank_switches_total", direction="up") >= 1
     finally:
         srv.stop()
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary (Debian package)")
+def test_replicas_downshift_together_through_a_real_prometheus(tiny_model_dir, tiny_checkpoint, tmp_path):
+    """Replica A is idle; replica B is swamped. With --prometheus-url, A reads the cluster-wide
+    queue depth (sum over replicas, via PromQL) and lowers its auto rank too."""
+    from conftest import free_port
+
+    busy = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint), "--max-batch-size", "1",
+                         "--calibrate-steps", "0")
+    prom_port = free_port()
+    idle = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint), "--calibrate-steps", "0",
+                         "--prometheus-url", f"http://127.0.0.1:{prom_port}", "--dwell-s", "0.5",
+                         "--down-queue", "3", "--smooth-s", "0.5")
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+                   "scrape_configs:\n  - job_name: mlora\n    static_configs:\n"
+                   f"      - targets: ['127.0.0.1:{busy.port}', '127.0.0.1:{idle.port}']\n")
+    prom = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        busy.wait_ready()
+        idle.wait_ready()
+        senders = [threading.Thread(target=lambda: httpx.post(
+            busy.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 200, "ignore_eos": True}, timeout=300))
+            for _ in range(12)]
+        for t in senders:
+            t.start()
+        with httpx.Client(base_url=idle.url) as http:
+            lowest = wait_metric(http, "mlora_current_auto_rank", 0, timeout=60)
+            assert lowest < 8, idle.output()
+            assert metric(http, "mlora_queue_depth") == 0  # A itself was idle all along
+        for t in senders:
+            t.join()
+    finally:
+        prom.terminate()
+        prom.wait(30)
+        busy.stop()
+        idle.stop()
