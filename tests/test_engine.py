@@ -206,3 +206,19 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     probs = logits.softmax(-1)  # ≈ [.64, .24, .09, .03, .01]
     kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.8)).tolist()
     assert kept == [True, True, False, False, False] and probs[0] < 0.8 < probs[:2].sum()
+
+
+def test_merged_rank_serves_every_rank_like_the_unmerged_adapter(setup):
+    """--merge-rank: rank m folded into W, other rows add c_k − c_m; outputs unchanged."""
+    model, tok, adapter = setup
+    ranks = [8, 0, 2, 8]
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
+    expected = [tok.decode(reference(setup, p, k, 8)[0], skip_special_tokens=True) for p, k in zip(prompts, ranks)]
+    adapter.merge(8)
+    try:
+        engine = make_engine(setup, max_batch_size=4)
+        reqs = [GenerationRequest(p, k, SamplingParams(max_new_tokens=8), Collector()) for p, k in zip(prompts, ranks)]
+        run_all(engine, reqs)
+        assert [r.sink.text for r in reqs] == expected
+    finally:
+        adapter.unmerge()
