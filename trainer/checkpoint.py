@@ -155,12 +155,20 @@ def save_adapter(out: str | Path, adapter: NestedAdapter, base_name: str, extra:
                  k: int | None = None) -> Path:
     """Write the servable files (weights, PEFT config, matryoshka.json last). ``k`` < r writes
     the rank-k prefix (an export); ``extra`` adds fields to matryoshka.json (train args, step, eval)."""
+    k = adapter.config.r if k is None else k
+    return write_adapter(out, adapter.peft_state_dict(k), adapter.config,
+                         base_model_identity(adapter.model, base_name), extra, k)
+
+
+def write_adapter(out: str | Path, tensors: dict[str, torch.Tensor], cfg: AdapterConfig, base_model: dict,
+                  extra: dict | None = None, k: int | None = None) -> Path:
+    """:func:`save_adapter` from PEFT-format ``tensors`` already at rank k (A (k, in), B (out, k))
+    and a ``base_model`` identity, so that a checkpoint can be re-written without its base model."""
     out = Path(out)
-    cfg = adapter.config
     k = cfg.r if k is None else k
-    blob = st_save(adapter.peft_state_dict(k), metadata={"format": "pt"})
+    blob = st_save(tensors, metadata={"format": "pt"})
     atomic_write_bytes(out / ADAPTER_WEIGHTS, blob)
-    atomic_write_json(out / ADAPTER_CONFIG, peft_adapter_config(cfg, base_name, k))
+    atomic_write_json(out / ADAPTER_CONFIG, peft_adapter_config(cfg, base_model["name"], k))
     meta = {
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
@@ -169,7 +177,7 @@ def save_adapter(out: str | Path, adapter: NestedAdapter, base_name: str, extra:
         "scaling": cfg.scaling,
         "target_modules": cfg.target_modules,
         "a_init": cfg.a_init,
-        "base_model": base_model_identity(adapter.model, base_name),
+        "base_model": base_model,
         "adapter_sha256": hashlib.sha256(blob).hexdigest(),
         "eval": {},
         **(extra or {}),

@@ -1,4 +1,4 @@
-"""``trainer`` command line: ``train`` and ``info``."""
+"""``trainer`` command line: ``train``, ``info``, ``eval``, ``export`` and ``nest``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show a checkpoint's metadata and the p vector its method implies")
     i.add_argument("ckpt")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    e = sub.add_parser("eval", help="GSM8K accuracy, answer NLL and time at rank 0 and every rank; AURAC")
+    e.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint folders (overlaid in the plot)")
+    e.add_argument("--data", required=True, help="GSM8K-style JSONL {question, answer ... #### n}")
+    e.add_argument("--ranks", type=int_list, default=[], help="ranks of R to evaluate (default: all; 0 always)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N records")
+    e.add_argument("--shots", type=int, default=0, help="few-shot exemplars per prompt (reference: 8)")
+    e.add_argument("--fewshot-data", help="exemplar JSONL (default: train.jsonl next to --data)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--model", help="base model (default: each checkpoint's base_model name)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    e.add_argument("--out", required=True, help="folder for results.json, results.csv, rank_curve.png")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    x = sub.add_parser("export", help="write one rank as a plain PEFT LoRA adapter (PEFT, vLLM, TGI, LoRAX)")
+    x.add_argument("ckpt")
+    x.add_argument("--rank", type=int, required=True, help="k, one of the checkpoint's ranks")
+    x.add_argument("--out", required=True, help="folder to write")
+
+    n = sub.add_parser("nest", help="make a PEFT LoRA adapter rank-elastic by SVD, without retraining")
+    n.add_argument("peft_dir", metavar="PEFT_DIR")
+    n.add_argument("--out", required=True, help="checkpoint folder to write")
+    n.add_argument("--ranks", type=int_list, default=[], help="R (default: powers of two below r, then r)")
+    n.add_argument("--model", help="base model, for the fingerprint (default: base_model_name_or_path)")
+    n.add_argument("--scaling", choices=SCALINGS, default="none",
+                   help="s(k); only none makes every rank-k prefix the best rank-k approximation")
     return p
 
 
@@ -102,16 +130,53 @@ def cmd_info(args: argparse.Namespace) -> int:
             start = i
         prev = v
     print("p (training) " + "  ".join(blocks))
-    if info.get("eval"):
-        print("eval         " + json.dumps(info["eval"]))
+    ev = info.get("eval") or {}
+    if "per_rank" in ev:
+        print(f"eval         {ev['data']}  n={ev['n']}  shots={ev['shots']}")
+        for k, row in ev["per_rank"].items():
+            print(f"  rank {k:>4}  strict {row['strict']:.4f}  flexible {row['flexible']:.4f}  "
+                  f"nll {row['nll']:.4f}  {row['seconds']:.1f}s")
+        for name in ("aurac", "log_aurac"):
+            if ev.get(name):
+                print(f"  {name:<10} " + "  ".join(f"{m} {v:.4f}" for m, v in ev[name].items()))
+    elif ev:
+        print("eval         " + json.dumps(ev))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from trainer.evaluate import EvalConfig, run_eval
+
+    names = {f.name for f in fields(EvalConfig)}
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in names})
+    run_eval(cfg, command=["trainer", *(sys.argv[1:] if argv is None else argv)])
+    print(f"results written to {cfg.out}/results.json, results.csv, rank_curve.png")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_rank
+
+    out = export_rank(args.ckpt, args.rank, args.out)
+    print(f"rank-{args.rank} PEFT adapter written to {out}")
+    return 0
+
+
+def cmd_nest(args: argparse.Namespace) -> int:
+    from trainer.nest import nest_adapter
+
+    out = nest_adapter(args.peft_dir, args.out, args.model, args.ranks, args.scaling)
+    print(f"nested checkpoint written to {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "info": cmd_info, "eval": lambda a: cmd_eval(a, argv),
+                "export": cmd_export, "nest": cmd_nest}
     try:
-        return {"train": cmd_train, "info": cmd_info}[args.command](args)
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, CheckpointError, DataError) as e:
         print(f"trainer {args.command}: error: {e}", file=sys.stderr)
         return 2
