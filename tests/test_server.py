@@ -212,25 +212,29 @@ def test_full_queue_gives_429_with_retry_after(tiny_model_dir, tiny_checkpoint):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tiny_checkpoint):
-    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint)).wait_ready()
+    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint),
+                        "--grace-period-s", "120", "--calibrate-steps", "0").wait_ready()
     result = {}
 
     def long_request():
         r = httpx.post(srv.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 500, "ignore_eos": True},
-                       timeout=60)
+                       timeout=300)
         result["status"], result["body"] = r.status_code, r.json()
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(0.5)
-    srv.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert httpx.get(srv.url + "/ready").status_code == 503
-    refused = httpx.post(srv.url + "/generate", json={"prompt": "x", "max_new_tokens": 2})
+    with httpx.Client(base_url=srv.url) as http:
+        assert wait_metric(http, "mlora_running_requests", 1) == 1  # in flight
+        srv.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 10
+        while http.get("/ready").status_code != 503 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert http.get("/ready").status_code == 503
+        refused = http.post("/generate", json={"prompt": "x", "max_new_tokens": 2})
     assert refused.status_code == 503 and refused.json()["error"]["type"] == "unavailable_error"
-    t.join(60)
+    t.join(300)
     assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] > 0
-    assert srv.proc.wait(30) == 0
+    assert srv.proc.wait(60) == 0
     srv.stop()
 
 
