@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -37,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import serve  # noqa: E402
 from client.loadgen import DEMO_PROMPTS, Phase, print_summary, run, summarise, write_report  # noqa: E402
 from trainer.checkpoint import save_adapter  # noqa: E402
 from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
@@ -51,24 +49,6 @@ def make_checkpoint(model_name: str, r: int, folder: Path) -> Path:
         for layer in adapter.layers.values():
             layer.lora_Bt.normal_(std=0.002)
     return save_adapter(folder, adapter, model_name)
-
-
-def start(model: str, ckpt: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", model, "--adapter", str(ckpt),
-                             "--port", str(port), "--log-level", "warning", *extra], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1800):
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server not ready")
 
 
 def main() -> None:
@@ -87,34 +67,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(args.model, args.r, Path(tmp) / "ckpt")
         common = ["--max-batch-size", str(args.batch), "--calibrate-steps", "6", "--dwell-s", str(args.dwell_s)]
-        proc, url = start(args.model, ckpt, common + ["--controller", "off"])
-        info = httpx.get(url + "/ranks").json()
-        tput = {int(k): v for k, v in info["throughput"].items()}
-        top = max(tput)
-        cap = {k: v / args.new_tokens for k, v in tput.items()}  # requests/s each rank sustains
-        light, overload, steady = 0.3 * cap[top], (cap[top] + cap[0]) / 2, 0.6 * cap[top]
-        s = args.scale
-        phases = [Phase(light, 30 * s), Phase(overload, 90 * s), Phase(light, 60 * s), Phase(steady, 60 * s)]
-        print(f"calibrated decode tokens/s per rank: {tput}", file=sys.stderr)
-        print(f"phases (req/s, s): {[(round(p.rate, 3), p.seconds) for p in phases]}", file=sys.stderr)
         runs = {}
-        try:
+        with serve(args.model, ckpt, *common, "--controller", "off") as url:
+            tput = {int(k): v for k, v in httpx.get(url + "/ranks").json()["throughput"].items()}
+            top = max(tput)
+            cap = {k: v / args.new_tokens for k, v in tput.items()}  # requests/s each rank sustains
+            light, overload, steady = 0.3 * cap[top], (cap[top] + cap[0]) / 2, 0.6 * cap[top]
+            s = args.scale
+            phases = [Phase(light, 30 * s), Phase(overload, 90 * s), Phase(light, 60 * s), Phase(steady, 60 * s)]
+            print(f"calibrated decode tokens/s per rank: {tput}", file=sys.stderr)
+            print(f"phases (req/s, s): {[(round(p.rate, 3), p.seconds) for p in phases]}", file=sys.stderr)
             runs["max"] = asyncio.run(run(url, phases, DEMO_PROMPTS, "auto", args.new_tokens, None, 0))
-        finally:
-            proc.terminate()
-            proc.wait(60)
-        proc, url = start(args.model, ckpt, common + ["--controller", "threshold"])
-        try:
+        with serve(args.model, ckpt, *common, "--controller", "threshold") as url:
             runs["auto"] = asyncio.run(run(url, phases, DEMO_PROMPTS, "auto", args.new_tokens, None, 0))
-        finally:
-            proc.terminate()
-            proc.wait(60)
-        proc, url = start(args.model, ckpt, common + ["--controller", "off"])
-        try:
+        with serve(args.model, ckpt, *common, "--controller", "off") as url:
             runs["rank0"] = asyncio.run(run(url, phases[:2], DEMO_PROMPTS, "0", args.new_tokens, None, 0))
-        finally:
-            proc.terminate()
-            proc.wait(60)
 
     summaries = {name: summarise(rep) for name, rep in runs.items()}
     for name, rep in runs.items():

@@ -22,8 +22,6 @@ import asyncio
 import datetime
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import serve  # noqa: E402
 from trainer.checkpoint import save_adapter  # noqa: E402
 from trainer.data import GSM8K_PROMPT, demo_records  # noqa: E402
 from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
@@ -79,24 +78,6 @@ async def server_rate(url: str, texts: list[str], rank: int, new_tokens: int) ->
     return sum(done) / dt
 
 
-def start_server(model: str, ckpt: Path, clients: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", model, "--adapter", str(ckpt),
-                             "--port", str(port), "--max-batch-size", str(clients), "--log-level", "warning"],
-                            cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -122,12 +103,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(Path(tmp) / "ckpt", adapter, args.model)
         del model, adapter
-        proc, url = start_server(args.model, Path(tmp) / "ckpt", args.clients)
-        try:
+        with serve(args.model, Path(tmp) / "ckpt", "--max-batch-size", str(args.clients)) as url:
             served = asyncio.run(server_rate(url, texts, args.rank, args.new_tokens))
-        finally:
-            proc.terminate()
-            proc.wait(60)
 
     print(f"# serve_throughput  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# torch {torch.__version__}, cpu, fp32, threads {torch.get_num_threads()}, cpus {os.cpu_count()}")

@@ -105,7 +105,6 @@ def test_batched_step_logits_match_the_reference_within_tolerance(setup):
     refs = [reference(setup, p, k, 6)[1] for p, k in zip(prompts, ranks)]
     new = runner.prefill(prompts[:2], ranks[:2])  # two rows first …
     runner.join(new)
-    logits = [new.logits]
     tokens = new.logits.argmax(-1).tolist()
     late = runner.prefill(prompts[2:], ranks[2:])  # … a third joins between decode steps
     runner.join(late)

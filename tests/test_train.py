@@ -36,7 +36,7 @@ def adapter_tensors(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["matryoshka", "dylora"])
 def test_resumed_run_reproduces_the_uninterrupted_loss_sequence_exactly(tmp_path, tiny_model_dir, method):
-    full = run(tmp_path, tiny_model_dir, "full", method=method, save_every=3)
+    run(tmp_path, tiny_model_dir, "full", method=method, save_every=3)
     resumed = run(tmp_path, tiny_model_dir, "resumed", method=method, save_every=3,
                   resume=str(tmp_path / "full" / "step-000003"))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[3:]
