@@ -206,7 +206,7 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         serving = s.serving
         sub = serving.submit(serving.encode_prompt(body.prompt), serving.resolve_rank(body.rank),
                              body.sampling(serving.max_new_tokens(body.max_new_tokens)), body.timeout,
-                             elastic=body.rank_policy == "elastic")
+                             elastic=body.rank_policy == "elastic", stream=body.stream)
         if body.stream:
             first = await serving.start(sub, request.is_disconnected)
             return StreamingResponse(_native_events(serving, sub), media_type="text/event-stream",

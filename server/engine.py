@@ -36,7 +36,8 @@ AUTO = "auto"
 
 @dataclass
 class Event:
-    """What a request's sink receives: token deltas, then one final event (``done=True``)."""
+    """What a request's sink receives: token deltas (streaming requests), then one final event
+    (``done=True``; for a request that does not stream, it carries the whole text)."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -61,6 +62,7 @@ class GenerationRequest:
     sink: Callable[[Event], None]
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     elastic: bool = False  # rank is a ceiling the controller may lower under load
+    stream: bool = True  # token deltas as they come; else one final event with the whole text
     id: str = ""
     arrival: float = field(default_factory=time.monotonic)
 
@@ -283,19 +285,22 @@ class Engine:
             self._append_token(row, tok)
 
     def _append_token(self, row: _Row, tok: int) -> None:
-        """Add one token; send the text that is now final (held back: an unfinished UTF-8
-        sequence, or a tail that may still turn into a stop string)."""
+        """Add one token; stream the text that is now final (held back: an unfinished UTF-8
+        sequence, or a tail that may still turn into a stop string). A request that neither
+        streams nor has stop strings is decoded once, when it finishes."""
         params = row.req.params
         if tok in self.eos_ids and not params.ignore_eos:
             row.finish = "stop"
         else:
             row.generated.append(tok)
+        if row.finish is None and len(row.generated) >= params.max_new_tokens:
+            row.finish = "length"
+        if not row.req.stream and not params.stop:
+            return
         text = self.tok.decode(row.generated, skip_special_tokens=True)
         cut = _find_stop(text, params.stop, len(row.emitted))
         if cut is not None:
             text, row.finish = text[:cut], "stop"
-        elif row.finish is None and len(row.generated) >= params.max_new_tokens:
-            row.finish = "length"
         if row.finish is None:
             if text.endswith("\ufffd"):
                 return
@@ -303,7 +308,8 @@ class Engine:
         delta = text[len(row.emitted):]
         if delta:
             row.emitted = text
-            row.req.sink(Event(text=delta, token_ids=[tok], rank=row.rank))
+            if row.req.stream:
+                row.req.sink(Event(text=delta, token_ids=[tok], rank=row.rank))
 
     def _retire(self, stats: StepStats) -> None:
         keep = [i for i, r in enumerate(self._rows) if r.finish is None]
@@ -318,7 +324,9 @@ class Engine:
     def _finish_row(self, row: _Row, stats: StepStats) -> None:
         now = time.monotonic()
         arrival = row.req.arrival
-        ev = Event(done=True, finish_reason=row.finish, rank=row.rank,
+        text = "" if row.req.stream else (row.emitted if row.req.params.stop
+                                          else self.tok.decode(row.generated, skip_special_tokens=True))
+        ev = Event(text=text, done=True, finish_reason=row.finish, rank=row.rank,
                    prompt_tokens=len(row.req.prompt_ids), completion_tokens=len(row.generated),
                    queue_s=row.admitted - arrival,
                    ttft_s=None if row.first_token_at is None else row.first_token_at - arrival,

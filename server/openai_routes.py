@@ -61,7 +61,7 @@ async def completions(body: CompletionRequest, request: Request, s=Depends(accep
     serving: Serving = s.serving
     sub = serving.submit(serving.encode_prompt(body.prompt), rank_for(request, body),
                          body.sampling(serving.max_new_tokens(body.max_tokens)), body.timeout,
-                         elastic=body.rank_policy == "elastic")
+                         elastic=body.rank_policy == "elastic", stream=body.stream)
     return await _respond(serving, sub, body, request, chat=False)
 
 
@@ -74,7 +74,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, s=Depe
     ids = serving.encode_chat([m.model_dump() for m in body.messages])
     n = body.max_completion_tokens or body.max_tokens
     sub = serving.submit(ids, rank_for(request, body), body.sampling(serving.max_new_tokens(n)), body.timeout,
-                         elastic=body.rank_policy == "elastic")
+                         elastic=body.rank_policy == "elastic", stream=body.stream)
     return await _respond(serving, sub, body, request, chat=True)
 
 

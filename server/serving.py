@@ -73,7 +73,7 @@ class Serving:
         return time.monotonic() + t
 
     def submit(self, prompt_ids: list[int], rank: int | str, params: SamplingParams,
-               timeout: float | None, elastic: bool = False) -> Submission:
+               timeout: float | None, elastic: bool = False, stream: bool = False) -> Submission:
         """Queue the request (raises InvalidRequest / Overloaded / Draining at once)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -81,7 +81,8 @@ class Serving:
         def sink(ev: Event) -> None:  # called on the engine thread
             loop.call_soon_threadsafe(events.put_nowait, ev)
 
-        req = GenerationRequest(prompt_ids, rank, params, sink, deadline=self.deadline(timeout), elastic=elastic)
+        req = GenerationRequest(prompt_ids, rank, params, sink, deadline=self.deadline(timeout), elastic=elastic,
+                                stream=stream)
         rid = self.engine.submit(req)
         return Submission(rid, events, self.engine)
 

