@@ -12,7 +12,10 @@ import torch
 from trainer.data import demo_records
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+# GSM8K lives beside the checkout (../shared); MLORA_GSM8K_DIR overrides, /work/shared is the
+# workplace's fixed location for clones made elsewhere
+GSM8K = next((p for p in [Path(os.environ.get("MLORA_GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k")),
+                          Path("/work/shared/data/gsm8k")] if p.exists()), REPO.parent / "shared" / "data" / "gsm8k")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
