@@ -20,7 +20,10 @@ timed step of every variant in turn (round-robin, the starting variant rotating 
 that machine noise hits all variants alike. The table gives the median, min and max seconds per
 step; the ratios compare medians (PASS/MISS) and, beside them, mins. On a shared CPU another
 process's burst can slow a step several-fold; the header prints the load average before and after
-timing, and when it is well above 0 the ratio of mins is the steadier estimate.
+timing (this run's own threads add about --threads to the second), and when it is higher than
+that the ratio of mins is the steadier estimate. Even on a quiet machine single steps vary by
+about ±10%, so with the default 5 rounds a ratio is good to about ±5%; ``--reps 15`` (~7 min)
+narrows that.
 
 How to read it: ``Matryoshka/LoRA`` is the cost of training every prefix at once over plain LoRA
 (goal ≤ 1.03: the extra work is one length-r coefficient vector instead of a scalar);
@@ -227,8 +230,9 @@ def report(args, batch, times: dict[str, list[float]], dylora_draws: list[int], 
           f"({int(batch['attention_mask'].sum())}/{tokens} real tokens); warmup {args.warmup}, reps {args.reps}")
     print(f"adapter: r={RANK}, R=1,2,4,…,{RANK}, scaling sqrt, targets {','.join(DEFAULT_TARGETS)}; "
           f"trainable params: ours {n_params[0]:,}, PEFT {n_params[1]:,}")
-    print(f"1-min load average: {load[0]:.2f} before timing, {load[1]:.2f} after "
-          f"(above ~0 means other processes shared the {os.cpu_count()} cores: read min as well as median)")
+    print(f"1-min load average: {load[0]:.2f} before timing, {load[1]:.2f} after (this run adds about "
+          f"{torch.get_num_threads()}; more means other processes shared the {os.cpu_count()} cores: "
+          "read min as well as median)")
     print(f"loss check (identical weights, LoRA): ours {losses[0]:.6f}, PEFT {losses[1]:.6f}, "
           f"max abs diff {losses[2]:.2e}")
     print()
