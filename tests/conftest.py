@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trainer.data import demo_records
+from trainer.inject import AdapterConfig, NestedAdapter
 
 REPO = Path(__file__).resolve().parents[1]
 # GSM8K lives beside the checkout (../shared); MLORA_GSM8K_DIR overrides, /work/shared is the
@@ -57,6 +58,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path_factory):
     """Keep tests off the user's cache unless MLORA_CACHE is set (CI sets it to reuse SmolLM2)."""
     os.environ.setdefault("MLORA_CACHE", str(tmp_path_factory.mktemp("mlora-cache")))
+
+
+def trained_adapter(model_dir, r=8, scaling="sqrt", method="matryoshka", seed=1):
+    model, tok = load_tiny(model_dir)
+    torch.manual_seed(seed)
+    adapter = NestedAdapter.inject(model, AdapterConfig(method=method, r=r, scaling=scaling))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.lora_Bt.normal_(std=0.05)  # as if trained: B = 0 would hide every bug
+    return model, tok, adapter
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
 
 
 def load_tiny(folder: Path):

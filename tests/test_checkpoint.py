@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny_model, load_tiny
+from conftest import build_tiny_model, load_tiny, logits, trained_adapter
 from trainer.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -22,22 +22,6 @@ from trainer.checkpoint import (
     read_meta,
     save_adapter,
 )
-from trainer.inject import AdapterConfig, NestedAdapter
-
-
-def trained_adapter(model_dir, r=8, scaling="sqrt", method="matryoshka", seed=1):
-    model, tok = load_tiny(model_dir)
-    torch.manual_seed(seed)
-    adapter = NestedAdapter.inject(model, AdapterConfig(method=method, r=r, scaling=scaling))
-    with torch.no_grad():
-        for layer in adapter.layers.values():
-            layer.lora_Bt.normal_(std=0.05)  # as if trained: B = 0 would hide every bug
-    return model, tok, adapter
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import GSM8K, load_tiny
-from test_checkpoint import trained_adapter
+from conftest import trained_adapter
 from trainer import evaluate as ev
 from trainer.aurac import aurac, log_aurac
 from trainer.checkpoint import load_adapter, read_meta, save_adapter

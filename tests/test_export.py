@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import load_tiny
-from test_checkpoint import logits, trained_adapter
+from conftest import logits, trained_adapter
 from trainer.checkpoint import ADAPTER_CONFIG, META, CheckpointError, load_adapter, save_adapter
 from trainer.cli import main
 from trainer.export import export_rank

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import load_tiny
-from test_checkpoint import logits
+from conftest import logits
 from trainer.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, CheckpointError, load_adapter
 from trainer.cli import main
 from trainer.inject import PEFT_PREFIX

@@ -179,16 +179,18 @@ class NestedLoRALinear(nn.Module):
         if c is None:
             return y
         n = c.shape[-1]
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A[:n])  # (..., n)
+        # the full tensors when n = r: a slice would make backward zero-fill and copy a full gradient
+        A, Bt = (self.lora_A, self.lora_Bt) if n == self.r else (self.lora_A[:n], self.lora_Bt[:n])
+        h = F.linear(x.to(A.dtype), A)  # (..., n)
         alpha = self.state.uniform
         if alpha is None:  # scale the small (..., n) intermediate, not the (..., out) output
             if c.dim() == 2:  # one coefficient row per batch row: (rows, n) -> (rows, 1.., n)
                 c = c.view(c.shape[0], *([1] * (h.dim() - 2)), n)
             h, alpha = h * c, 1.0
         if h.dtype != y.dtype and not torch.is_autocast_enabled(y.device.type):
-            return y + (alpha * (h @ self.lora_Bt[:n])).to(y.dtype)
+            return y + (alpha * (h @ Bt)).to(y.dtype)
         # y + alpha · h Bₙ in one fused op: (tokens, out) + (tokens, n) @ (n, out)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, n), self.lora_Bt[:n],
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, n), Bt,
                            alpha=alpha).view(y.shape)
 
     def delta_weight(self, k: int, scaling: str) -> torch.Tensor:
