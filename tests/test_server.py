@@ -49,6 +49,19 @@ def wait_metric(http, name: str, expected: float, timeout: float = 10, **labels)
     return v
 
 
+def wait_http_ok(url: str, timeout: float) -> None:
+    """Poll ``url`` until it answers 200 (a freshly started Prometheus takes a moment)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not become ready in {timeout} s")
+
+
 def sse(lines) -> list[dict | str]:
     out = []
     for line in lines:
@@ -318,21 +331,31 @@ def test_replicas_downshift_together_through_a_real_prometheus(tiny_model_dir, t
     prom = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = threading.Event()
+
+    def keep_busy():  # resubmit until the idle replica has reacted, so the busy queue never drains first
+        while not done.is_set():
+            httpx.post(busy.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 100, "ignore_eos": True},
+                       timeout=300)
+
+    senders = [threading.Thread(target=keep_busy) for _ in range(12)]
     try:
         busy.wait_ready()
         idle.wait_ready()
-        senders = [threading.Thread(target=lambda: httpx.post(
-            busy.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 200, "ignore_eos": True}, timeout=300))
-            for _ in range(12)]
+        wait_http_ok(f"http://127.0.0.1:{prom_port}/-/ready", timeout=60)
         for t in senders:
             t.start()
         with httpx.Client(base_url=idle.url) as http:
-            lowest = wait_metric(http, "mlora_current_auto_rank", 0, timeout=60)
-            assert lowest < 8, idle.output()
+            end = time.monotonic() + 90
+            while (rank := metric(http, "mlora_current_auto_rank")) >= 8 and time.monotonic() < end:
+                time.sleep(0.1)
+            assert rank < 8, idle.output()[-4000:]
             assert metric(http, "mlora_queue_depth") == 0  # A itself was idle all along
-        for t in senders:
-            t.join()
     finally:
+        done.set()
+        for t in senders:
+            if t.is_alive():
+                t.join(300)
         prom.terminate()
         prom.wait(30)
         busy.stop()
