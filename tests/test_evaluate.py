@@ -226,8 +226,27 @@ def test_eval_of_a_subset_of_ranks_keeps_the_checkpoint_loadable(two_checkpoints
     assert list(read_meta(a)["eval"]["per_rank"]) == ["0"] and read_meta(a)["eval"]["aurac"] == {}
 
 
+def test_nll_only_eval_of_a_held_out_tail(two_checkpoints, tmp_path, tiny_model_dir):
+    """--skip 4 --no-generate: records 5..6 only, no accuracy, AURAC of the NLL alone (a sweep's cheap score)."""
+    (a, _), data = two_checkpoints
+    out = tmp_path / "held"
+    assert main(["eval", str(a), "--data", str(data), "--skip", "4", "--no-generate", "--out", str(out),
+                 "--no-progress"]) == 0
+    entry = json.loads((out / "results.json").read_text())["checkpoints"][0]
+    assert entry["n"] == 2 and entry["skip"] == 4
+    assert all(row["strict"] is None and row["flexible"] is None and row["generated_tokens"] == 0
+               for row in entry["per_rank"].values())
+    assert set(entry["aurac"]) == {"nll"} and set(entry["log_aurac"]) == {"nll"}
+    model, tok = load_tiny(tiny_model_dir)
+    _, examples = ev.encode(ev.load_task(str(data), None, 0, None, skip=4), tok)
+    assert entry["per_rank"]["0"]["nll"] == pytest.approx(ev.answer_nll(model, examples, tok.pad_token_id, 4))
+    assert len(examples) == 2
+    assert_png(out / "rank_curve.png")
+
+
 @pytest.mark.parametrize("case, message", [
     ("no_meta", "no matryoshka.json"),
+    ("skip_all", "--skip 6 leaves nothing to evaluate; the file holds 6 records"),
     ("bad_rank", r"--ranks \[3\] not in the rank set of .*valid ranks are \[0, 1, 2, 4, 8\]"),
     ("empty_data", "holds no records"),
     ("chat_data", "GSM8K-style {question, answer} records; this file's records are chat"),
@@ -253,6 +272,8 @@ def test_bad_input_exits_2_with_a_clear_message(two_checkpoints, tmp_path, capsy
         extra = ["--shots", "2"]
     elif case == "limit":
         extra = ["--limit", "0"]
+    elif case == "skip_all":
+        extra = ["--skip", "6"]
     before = (a / "matryoshka.json").read_text()
     capsys.readouterr()  # drop the fixture's model-loading output
     code = main(["eval", ckpt, "--data", str(data), "--out", str(tmp_path / "o"), *extra])

@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint folders (overlaid in the plot)")
     e.add_argument("--data", required=True, help="GSM8K-style JSONL {question, answer ... #### n}")
     e.add_argument("--ranks", type=int_list, default=[], help="ranks of R to evaluate (default: all; 0 always)")
-    e.add_argument("--limit", type=int, help="evaluate only the first N records")
+    e.add_argument("--limit", type=int, help="evaluate only the first N records (after --skip)")
+    e.add_argument("--skip", type=int, default=0, help="skip the first N records (e.g. to hold out the end "
+                   "of a train file)")
+    e.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="answer NLL only: no generation, no accuracy (fast; for sweeps)")
     e.add_argument("--shots", type=int, default=0, help="few-shot exemplars per prompt (reference: 8)")
     e.add_argument("--fewshot-data", help="exemplar JSONL (default: train.jsonl next to --data)")
     e.add_argument("--batch-size", type=int, default=8)
@@ -134,8 +138,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "per_rank" in ev:
         print(f"eval         {ev['data']}  n={ev['n']}  shots={ev['shots']}")
         for k, row in ev["per_rank"].items():
-            print(f"  rank {k:>4}  strict {row['strict']:.4f}  flexible {row['flexible']:.4f}  "
-                  f"nll {row['nll']:.4f}  {row['seconds']:.1f}s")
+            acc = "" if row["strict"] is None else f"strict {row['strict']:.4f}  flexible {row['flexible']:.4f}  "
+            print(f"  rank {k:>4}  {acc}nll {row['nll']:.4f}  {row['seconds']:.1f}s")
         for name in ("aurac", "log_aurac"):
             if ev.get(name):
                 print(f"  {name:<10} " + "  ".join(f"{m} {v:.4f}" for m, v in ev[name].items()))

@@ -57,7 +57,9 @@ class EvalConfig:
     out: str  # folder for results.json, results.csv, rank_curve.png
     model: str | None = None  # base model; None → each checkpoint's base_model name
     ranks: list[int] = field(default_factory=list)  # ranks of R to evaluate; empty → all of R
-    limit: int | None = None  # the first N records only
+    limit: int | None = None  # the first N records only (after skip)
+    skip: int = 0  # records skipped at the start of --data (held-out tails of a train file)
+    generate: bool = True  # False: answer NLL only (strict/flexible are None), for fast sweeps
     shots: int = 0  # few-shot exemplars per prompt (the reference evaluation uses 8)
     fewshot_data: str | None = None  # None → train.jsonl next to --data
     batch_size: int = 8  # prompts per generation / NLL batch
@@ -69,7 +71,8 @@ class EvalConfig:
     def validate(self) -> None:
         problems = [f"{flag} must be >= {low}, got {v}" for flag, v, low in [
             ("--shots", self.shots, 0), ("--batch-size", self.batch_size, 1),
-            ("--max-new-tokens", self.max_new_tokens, 1), ("--limit", self.limit, 1)]
+            ("--max-new-tokens", self.max_new_tokens, 1), ("--limit", self.limit, 1),
+            ("--skip", self.skip, 0)]
             if v is not None and v < low]
         if not self.checkpoints:
             problems.append("give at least one checkpoint folder")
@@ -131,16 +134,19 @@ def fewshot_file(data: str, fewshot_data: str | None, shots: int) -> Path | None
     return default
 
 
-def read_gsm8k(path: str | Path, limit: int | None, flag: str) -> list[dict]:
-    shape, records = read_jsonl(path, limit)
+def read_gsm8k(path: str | Path, limit: int | None, flag: str, skip: int = 0) -> list[dict]:
+    shape, records = read_jsonl(path, None if limit is None else skip + limit)
     if shape != "gsm8k":
         raise DataError(f"{flag} {path}: trainer eval scores GSM8K-style {{question, answer}} records; "
                         f"this file's records are {shape}")
-    return records
+    if skip >= len(records):
+        raise DataError(f"{flag} {path}: --skip {skip} leaves nothing to evaluate; the file holds "
+                        f"{len(records)} records")
+    return records[skip:]
 
 
-def load_task(data: str, limit: int | None, shots: int, fewshot_data: str | None) -> Task:
-    records = read_gsm8k(data, limit, "--data")
+def load_task(data: str, limit: int | None, shots: int, fewshot_data: str | None, skip: int = 0) -> Task:
+    records = read_gsm8k(data, limit, "--data", skip)
     references = []
     for i, rec in enumerate(records, 1):
         ref = strict_answer(rec["answer"])
@@ -226,30 +232,33 @@ def answer_nll(model, examples: list[Example], pad_id: int, batch_size: int, bar
 
 
 def evaluate_rank(model, tok, task: Task, encoded: tuple[list[list[int]], list[Example]], batch_size: int,
-                  max_new_tokens: int, desc: str, progress: bool = True) -> dict:
-    """One row of the table: strict, flexible (fractions correct), nll, n, seconds, generated_tokens."""
+                  max_new_tokens: int, desc: str, progress: bool = True, generate_answers: bool = True) -> dict:
+    """One row of the table: strict, flexible (fractions correct; None without generation), nll, n,
+    seconds, generated_tokens."""
     prompt_ids, examples = encoded
-    n_batches = 2 * -(-len(prompt_ids) // batch_size)
+    n_batches = (1 + generate_answers) * -(-len(prompt_ids) // batch_size)
     with tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True) as bar:
         t0 = time.perf_counter()
-        completions, n_tokens = generate(model, tok, prompt_ids, batch_size, max_new_tokens, bar)
+        completions, n_tokens = (generate(model, tok, prompt_ids, batch_size, max_new_tokens, bar)
+                                 if generate_answers else (None, 0))
         nll = answer_nll(model, examples, tok.pad_token_id, batch_size, bar)
         seconds = time.perf_counter() - t0
     n = len(task.references)
-    return {
-        "strict": sum(strict_answer(c) == ref for c, ref in zip(completions, task.references)) / n,
-        "flexible": sum(flexible_answer(c) == ref for c, ref in zip(completions, task.references)) / n,
-        "nll": nll, "n": n, "seconds": round(seconds, 3), "generated_tokens": n_tokens,
-    }
+    strict = flexible = None
+    if completions is not None:
+        strict = sum(strict_answer(c) == ref for c, ref in zip(completions, task.references)) / n
+        flexible = sum(flexible_answer(c) == ref for c, ref in zip(completions, task.references)) / n
+    return {"strict": strict, "flexible": flexible, "nll": nll, "n": n, "seconds": round(seconds, 3),
+            "generated_tokens": n_tokens}
 
 
 def summarise(per_rank: dict[int, dict]) -> tuple[dict, dict]:
-    """(AURAC, log-AURAC) of each metric over the ranks ≥ 1 (empty when only rank 0 was evaluated)."""
+    """(AURAC, log-AURAC) of each measured metric over the ranks ≥ 1 (empty when only rank 0 was
+    evaluated; accuracies are left out when nothing was generated)."""
     ranks = sorted(k for k in per_rank if k > 0)
-    if not ranks:
-        return {}, {}
-    return ({m: aurac(ranks, [per_rank[k][m] for k in ranks]) for m in METRICS},
-            {m: log_aurac(ranks, [per_rank[k][m] for k in ranks]) for m in METRICS})
+    metrics = [m for m in METRICS if ranks and all(per_rank[k][m] is not None for k in ranks)]
+    return ({m: aurac(ranks, [per_rank[k][m] for k in ranks]) for m in metrics},
+            {m: log_aurac(ranks, [per_rank[k][m] for k in ranks]) for m in metrics})
 
 
 # -- the recipe ---------------------------------------------------------------------------------------
@@ -273,7 +282,7 @@ def run_eval(cfg: EvalConfig, command: list[str] | None = None) -> dict:
     cfg.validate()
     metas = [read_meta(c) for c in cfg.checkpoints]  # every bad input fails before any model loads
     ranks = [select_ranks(m, cfg.ranks, c) for m, c in zip(metas, cfg.checkpoints)]
-    task = load_task(cfg.data, cfg.limit, cfg.shots, cfg.fewshot_data)
+    task = load_task(cfg.data, cfg.limit, cfg.shots, cfg.fewshot_data, cfg.skip)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     base_rows: dict[str, dict] = {}  # model name → its rank-0 row: evaluated once per base model
@@ -289,13 +298,13 @@ def run_eval(cfg: EvalConfig, command: list[str] | None = None) -> dict:
                 per_rank[0] = base_rows[model_name]
                 continue
             adapter.set_rank(k)
-            per_rank[k] = evaluate_rank(model, tok, task, encoded, cfg.batch_size, cfg.max_new_tokens,
-                                        f"{label} rank {k}", cfg.progress)
-            tqdm.write(f"{label} rank {k}: strict {per_rank[k]['strict']:.3f}  flexible "
-                       f"{per_rank[k]['flexible']:.3f}  nll {per_rank[k]['nll']:.4f}  {per_rank[k]['seconds']:.1f}s")
+            row = per_rank[k] = evaluate_rank(model, tok, task, encoded, cfg.batch_size, cfg.max_new_tokens,
+                                              f"{label} rank {k}", cfg.progress, cfg.generate)
+            acc = (f"strict {row['strict']:.3f}  flexible {row['flexible']:.3f}  " if cfg.generate else "")
+            tqdm.write(f"{label} rank {k}: {acc}nll {row['nll']:.4f}  {row['seconds']:.1f}s")
         base_rows[model_name] = per_rank[0]
         au, log_au = summarise(per_rank)
-        table = {"data": task.data, "n": len(task.records), "shots": task.shots,
+        table = {"data": task.data, "skip": cfg.skip, "n": len(task.records), "shots": task.shots,
                  "max_new_tokens": cfg.max_new_tokens, "model": model_name,
                  "per_rank": {str(k): row for k, row in per_rank.items()}, "aurac": au, "log_aurac": log_au}
         update_meta(ckpt, eval=table)
@@ -305,7 +314,8 @@ def run_eval(cfg: EvalConfig, command: list[str] | None = None) -> dict:
     results = {
         "command": shlex.join(command if command is not None else sys.argv),
         "versions": _versions(),
-        "settings": {"data": task.data, "n": len(task.records), "limit": cfg.limit, "shots": task.shots,
+        "settings": {"data": task.data, "n": len(task.records), "skip": cfg.skip, "limit": cfg.limit,
+                     "generate": cfg.generate, "shots": task.shots,
                      "fewshot_data": task.fewshot_data, "batch_size": cfg.batch_size,
                      "max_new_tokens": cfg.max_new_tokens, "device": str(device), "dtype": str(dtype)},
         "checkpoints": entries,
