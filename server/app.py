@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.control import ClusterSignals, RankController, calibrate
 from server.controller import ControllerConfig
 from server.engine import Engine, EngineConfig
+from server.merging import AutoMerge
 from server.deps import accepting, app_state, authorised
 from server.errors import PayloadTooLarge, ServingError
 from server.metrics import Metrics
@@ -45,6 +46,11 @@ class AppState:
     ready: bool = False
     draining: bool = False
 
+    def merge_info(self) -> dict:
+        adapter = self.engine.runner.adapter
+        mode = "off" if self.settings.merge_rank is None else "auto" if self.settings.merge_rank == "auto" else "fixed"
+        return {"mode": mode, "rank": None if adapter is None else adapter.merged_rank}
+
 
 def load_state(settings: ServerSettings) -> AppState:
     """Load base model + adapter and build the engine (blocking; seconds)."""
@@ -61,11 +67,22 @@ def load_state(settings: ServerSettings) -> AppState:
         if model.dtype != torch.float32:  # serve the adapter in the base dtype (no autocast here)
             for layer in adapter.layers.values():
                 layer.to(model.dtype)
-        if settings.merge_rank is not None:
-            adapter.merge(settings.merge_rank)
+        adapter.fuse_siblings()  # one A matmul for q/k/v and one for gate/up per block
     ranks = adapter.config.ranks if adapter else []
+    auto_merge = None
+    if settings.merge_rank is not None:
+        if adapter is None:
+            raise ValueError(f"--merge-rank {settings.merge_rank} needs an --adapter to merge")
+        if settings.merge_rank == "auto":  # start with the rank 'auto' requests get first: the top
+            top = settings.max_rank if settings.max_rank is not None else ranks[-1]
+            adapter.remerge(top)
+            auto_merge = AutoMerge(merged=top, dwell_s=settings.merge_dwell_s)
+        else:
+            adapter.merge(settings.merge_rank)
     metrics = Metrics()
     metrics.set_info(settings.model, settings.adapter or "", ranks, meta.get("scaling", ""), meta.get("method", ""))
+    if adapter is not None and adapter.merged_rank is not None:
+        metrics.merged_rank.set(adapter.merged_rank)
     context = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", tok.model_max_length))
     runner = ModelRunner(model, adapter, tok.pad_token_id)
     throughput = {}
@@ -75,7 +92,7 @@ def load_state(settings: ServerSettings) -> AppState:
                "merge_rank": settings.merge_rank}
         prompt = tok("Question: how many apples are left?\nAnswer: ")["input_ids"]
         throughput = calibrate(runner, prompt, [0, *ranks], settings.max_batch_size, settings.calibrate_steps,
-                               cache_dir(), key)
+                               cache_dir(), key, merge_each=auto_merge is not None)
         log.info("measured decode tokens/s per rank at batch %d: %s", settings.max_batch_size, throughput)
     cfg = ControllerConfig.build(ranks, settings.min_rank, settings.max_rank, policy=settings.controller,
                                  dwell_s=settings.dwell_s, down_queue=settings.down_queue,
@@ -85,7 +102,8 @@ def load_state(settings: ServerSettings) -> AppState:
     controller = RankController(cfg, metrics, throughput, cluster)
     engine = Engine(runner, tok,
                     EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context),
-                    ranks, auto_rank=lambda: controller.rank, on_step=metrics.record, on_tick=controller.tick)
+                    ranks, auto_rank=lambda: controller.rank, on_step=metrics.record, on_tick=controller.tick,
+                    auto_merge=auto_merge)
     return AppState(settings, Serving(engine, tok, settings, ranks), engine, metrics, meta, controller, throughput)
 
 
@@ -198,7 +216,7 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         return RankInfo(ranks=[0, *s.serving.ranks], r=s.meta.get("r", 0), scaling=s.meta.get("scaling", "none"),
                         method=s.meta.get("method", "none"), default_rank=settings.default_rank,
                         eval=s.meta.get("eval") or {}, throughput={str(k): v for k, v in s.throughput.items()},
-                        controller=s.controller.describe())
+                        controller=s.controller.describe(), merge=s.merge_info())
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(authorised)],
               responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 504: {"model": ErrorBody}})

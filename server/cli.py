@@ -24,7 +24,8 @@ FLAGS = {  # flag → (settings field, type)
     "--max-batch-size": ("max_batch_size", int), "--max-queue": ("max_queue", int),
     "--max-prefill-tokens": ("max_prefill_tokens", int), "--max-new-tokens-limit": ("max_new_tokens_limit", int),
     "--request-timeout-s": ("request_timeout_s", float), "--max-body-bytes": ("max_body_bytes", int),
-    "--api-key": ("api_key", str), "--default-rank": ("default_rank", str), "--merge-rank": ("merge_rank", int),
+    "--api-key": ("api_key", str), "--default-rank": ("default_rank", str), "--merge-rank": ("merge_rank", str),
+    "--merge-dwell-s": ("merge_dwell_s", float),
     "--grace-period-s": ("grace_period_s", float), "--log-level": ("log_level", str),
     "--controller": ("controller", str), "--min-rank": ("min_rank", int), "--max-rank": ("max_rank", int),
     "--dwell-s": ("dwell_s", float), "--down-queue": ("down_queue", float), "--up-queue": ("up_queue", float),
@@ -79,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         if settings.adapter:
             from trainer.checkpoint import read_meta
 
-            read_meta(settings.adapter)  # fail fast, before any model loads
+            valid = [0, *read_meta(settings.adapter)["ranks"]]  # fail fast, before any model loads
+            for flag, v in (("--default-rank", settings.default_rank), ("--merge-rank", settings.merge_rank)):
+                if isinstance(v, int) and v not in valid:
+                    raise ValueError(f"{flag} {v} is not a rank of this adapter; valid ranks are {valid}")
+        elif settings.merge_rank is not None:
+            raise ValueError(f"--merge-rank {settings.merge_rank} needs an --adapter to merge")
     except ValidationError as e:
         problems = [f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors()]
         print("server: error: invalid settings:\n  " + "\n  ".join(problems), file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 import torch
 
 from server.errors import Draining, InvalidRequest, Overloaded
+from server.merging import AutoMerge
 from server.runner import ModelRunner
 from server.sampling import SamplingParams, make_generator, sample
 
@@ -94,6 +95,7 @@ class StepStats:
     inter_token: list[float] = field(default_factory=list)
     generated: dict[int, int] = field(default_factory=lambda: collections.Counter())  # rank → tokens
     finished: list[tuple[int | None, str, float]] = field(default_factory=list)  # (rank, status, e2e)
+    merged: tuple[int, float] | None = None  # (rank, seconds) when this step re-merged the weights
 
 
 class RankPolicy(Protocol):
@@ -111,7 +113,8 @@ class EngineConfig:
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, ranks: list[int],
                  auto_rank: RankPolicy, on_step: Callable[[StepStats], None] | None = None,
-                 on_tick: Callable[[], None] | None = None, tick_s: float = 0.5):
+                 on_tick: Callable[[], None] | None = None, tick_s: float = 0.5,
+                 auto_merge: AutoMerge | None = None):
         self.runner = runner
         self.tok = tokenizer
         self.config = config
@@ -120,6 +123,7 @@ class Engine:
         self.on_step = on_step or (lambda s: None)
         self.on_tick = on_tick or (lambda: None)  # the rank controller; also runs while idle
         self.tick_s = tick_s
+        self.auto_merge = auto_merge  # keeps the traffic's dominant rank merged (None: never re-merge)
         self._arrivals = 0
         eos = runner.model.generation_config.eos_token_id if runner.model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
@@ -215,6 +219,13 @@ class Engine:
         if admitted:
             self._prefill(admitted, stats)
             self._retire(stats)  # rows that ended on their first token
+        if self._rows and self.auto_merge is not None:
+            target = self.auto_merge.observe([r.rank for r in self._rows], time.monotonic())
+            if target is not None:  # between steps: every row's effective weights stay the same
+                t0 = time.perf_counter()
+                self.runner.remerge(target)
+                stats.merged = (target, time.perf_counter() - t0)
+                log.info("merged rank → %d (%.2f s)", target, stats.merged[1])
         if self._rows:
             logits = self.runner.decode([r.generated[-1] for r in self._rows])
             self._update(self._rows, logits, stats)

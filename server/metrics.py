@@ -42,6 +42,12 @@ class Metrics:
         self.switches = Counter("mlora_rank_switches", "Controller rank changes.", ["direction"], registry=r)
         self.decisions = Counter("mlora_controller_decisions", "Controller decisions by reason.", ["reason"],
                                  registry=r)
+        self.merged_rank = Gauge("mlora_merged_rank", "Rank folded into the weights (-1: none; 0: plain base).",
+                                 registry=r)
+        self.merged_rank.set(-1)
+        self.merges = Counter("mlora_merge_switches", "Re-merges at another rank (--merge-rank auto).", registry=r)
+        self.merge_seconds = Histogram("mlora_merge_seconds", "Time one re-merge took.", buckets=LATENCY_BUCKETS,
+                                       registry=r)
         for d in ("up", "down"):
             self.switches.labels(direction=d)
 
@@ -66,6 +72,10 @@ class Metrics:
             self.generated.labels(rank=str(rank)).inc(n)
         if s.prefill_tokens:
             self.prompt_tokens.inc(s.prefill_tokens)
+        if s.merged is not None:
+            self.merged_rank.set(s.merged[0])
+            self.merges.inc()
+            self.merge_seconds.observe(s.merged[1])
         for rank, status, e2e in s.finished:
             self.requests.labels(rank="none" if rank is None else str(rank), status=status).inc()
             if status in ("stop", "length"):

@@ -95,6 +95,7 @@ class RankInfo(BaseModel):
     eval: dict = Field(default_factory=dict)
     throughput: dict[str, float] = Field(default_factory=dict, description="measured decode tokens/s per rank")
     controller: dict = Field(default_factory=dict)
+    merge: dict = Field(default_factory=dict, description="mode (off | fixed | auto) and the rank merged now")
 
 
 class ErrorDetail(BaseModel):

@@ -69,6 +69,13 @@ class ModelRunner:
         self.adapter.set_row_ranks(list(ranks))
         self._coeff_key = key
 
+    def remerge(self, k: int) -> None:
+        """Fold rank k into the weights (``NestedAdapter.remerge``); the running rows keep their
+        ranks and their caches (their effective weights do not change), their coefficients are
+        recomputed relative to k."""
+        self.adapter.remerge(k)
+        self._coeff_key = None
+
     def _forward(self, ids, mask, positions, cache, ranks: list[int]) -> torch.Tensor:
         self._use_ranks(ranks)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,

@@ -26,8 +26,11 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger bodies get 413")
     api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer KEY'")
     default_rank: int | Literal["auto"] = Field("auto", description="rank of requests that name none")
-    merge_rank: int | None = Field(None, description="fold this rank into the weights (it then costs "
-                                   "nothing extra; other ranks pay for their difference)")
+    merge_rank: int | Literal["auto"] | None = Field(
+        None, description="fold this rank into the weights (it then costs nothing extra; other ranks pay "
+        "for their difference); auto: keep the rank most rows use merged, re-merging as traffic shifts")
+    merge_dwell_s: float = Field(2.0, ge=0, description="auto merge: how long a rank must lead the traffic "
+                                 "before it is merged (and min seconds between re-merges)")
     controller: Literal["threshold", "slo", "off"] = Field(
         "threshold", description="how 'auto' (and elastic) requests get their rank under load")
     min_rank: int | None = Field(None, ge=0, description="lowest rank the controller may choose (0: base model)")
@@ -42,12 +45,13 @@ class ServerSettings(BaseSettings):
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("default_rank", mode="before")
+    @field_validator("default_rank", "merge_rank", mode="before")
     @classmethod
-    def _rank(cls, v):
+    def _rank(cls, v, info):
         if isinstance(v, str) and v != "auto":
             try:
                 return int(v)
             except ValueError:
-                raise ValueError(f"--default-rank takes 'auto' or an integer rank, got {v!r}") from None
+                flag = "--" + info.field_name.replace("_", "-")
+                raise ValueError(f"{flag} takes 'auto' or an integer rank, got {v!r}") from None
         return v

@@ -234,3 +234,28 @@ def test_a_request_that_does_not_stream_gets_the_same_text_in_one_final_event(se
     assert len(whole.events) == 1 and whole.final.done
     assert whole.final.text == streamed.text and whole.final.finish_reason == streamed.final.finish_reason
     assert whole.final.completion_tokens == streamed.final.completion_tokens
+
+
+def test_auto_merge_re_merges_mid_generation_without_changing_any_output(setup):
+    """--merge-rank auto: rows prefilled with rank 8 merged keep their caches when the engine
+    re-merges rank 2 (the majority) between steps; fused sibling matmuls on; outputs unchanged."""
+    from server.merging import AutoMerge
+
+    model, tok, adapter = setup
+    ranks = [8, 2, 2, 0]
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
+    expected = [tok.decode(reference(setup, p, k, 10)[0], skip_special_tokens=True) for p, k in zip(prompts, ranks)]
+    adapter.fuse_siblings()
+    adapter.remerge(8)
+    try:
+        engine = make_engine(setup, max_batch_size=4)
+        engine.auto_merge = AutoMerge(merged=8, dwell_s=0.0, half_life_s=1.0)
+        merges = []
+        engine.on_step = lambda s: merges.append(s.merged) if s.merged else None
+        reqs = [GenerationRequest(p, k, SamplingParams(max_new_tokens=10), Collector()) for p, k in zip(prompts, ranks)]
+        run_all(engine, reqs)
+        assert [r.sink.text for r in reqs] == expected
+        assert [k for k, _ in merges] == [2] and adapter.merged_rank == 2
+    finally:
+        adapter.unmerge()
+        adapter.fuse_siblings(False)

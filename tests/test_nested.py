@@ -226,3 +226,80 @@ def test_set_rank_outside_r_is_an_error_listing_valid_ranks():
     adapter = NestedAdapter.inject(TwoBlocks(), AdapterConfig(r=4, target_modules=["up"]))
     with pytest.raises(ValueError, match=r"valid ranks are \[0, 1, 2, 4\]"):
         adapter.set_rank(3)
+
+
+def test_fused_siblings_give_the_same_outputs_at_every_rank_and_mix(tiny_model_dir):
+    """q/k/v and gate/up share one A matmul per block at inference; outputs do not change."""
+    from conftest import trained_adapter
+
+    model, _, adapter = trained_adapter(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    settings = [("rank", k) for k in (0, 1, 4, 8)] + [("rows", [8, 0, 2]), ("rows", [1, 1, 4])]
+
+    def outputs():
+        out = []
+        for how, k in settings:
+            adapter.set_rank(k) if how == "rank" else adapter.set_row_ranks(k)
+            with torch.no_grad():
+                out.append(model(ids).logits)
+        return out
+
+    plain = outputs()
+    assert adapter.fuse_siblings() == 2 * model.config.num_hidden_layers  # (q,k,v) and (gate,up) per block
+    for got, want in zip(outputs(), plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    adapter.merge(4)  # merged + fused: rows at other ranks still exact
+    for got, want in zip(outputs(), plain):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    adapter.unmerge()
+
+
+def test_a_sibling_called_out_of_order_or_with_another_input_computes_its_own(tiny_model_dir):
+    from conftest import trained_adapter
+
+    model, _, adapter = trained_adapter(tiny_model_dir)
+    adapter.fuse_siblings()
+    attn = model.model.layers[0].self_attn
+    x, other = torch.randn(2, 5, model.config.hidden_size), torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        v1 = attn.v_proj(x)  # v first: it computes for the group
+        k_other = attn.k_proj(other)  # another input: not the cached product
+        q1 = attn.q_proj(x)
+        adapter.fuse_siblings(False)
+        torch.testing.assert_close(v1, attn.v_proj(x))
+        torch.testing.assert_close(k_other, attn.k_proj(other))
+        torch.testing.assert_close(q1, attn.q_proj(x))
+    # with gradients on, the group is bypassed: training is unaffected
+    adapter.fuse_siblings()
+    loss = attn.q_proj(x).sum()
+    loss.backward()
+    assert attn.q_proj.lora_A.grad is not None and attn.k_proj.lora_A.grad is None
+
+
+def test_remerge_switches_ranks_exactly_and_unmerge_restores_the_base_bit_for_bit(tiny_model_dir):
+    """remerge(k) rebuilds W from a copy of the base: after any number of switches the weights
+    are exactly W₀ + ΔW_k (no accumulated rounding), and every rank still serves exactly."""
+    from conftest import trained_adapter
+
+    model, _, adapter = trained_adapter(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    want = {}
+    for k in (0, 1, 4, 8):
+        adapter.set_rank(k)
+        with torch.no_grad():
+            want[k] = model(ids).logits
+    base = {n: l.base.weight.detach().clone() for n, l in adapter.layers.items()}
+    adapter.remerge(4)
+    once = {n: l.base.weight.detach().clone() for n, l in adapter.layers.items()}
+    for k in (8, 1, 0, 8, 2, 4):  # many switches later, the same bits as the first merge at 4
+        adapter.remerge(k)
+    assert all(torch.equal(l.base.weight, once[n]) for n, l in adapter.layers.items())
+    assert adapter.state.coeffs is None  # the merged rank costs nothing extra
+    for k in (0, 1, 4, 8):
+        adapter.set_rank(k)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, want[k], rtol=1e-4, atol=1e-4)
+    adapter.unmerge()
+    assert adapter.merged_rank is None and all(torch.equal(l.base.weight, base[n]) for n, l in adapter.layers.items())
+    with pytest.raises(ValueError, match="valid ranks are"):
+        adapter.remerge(3)

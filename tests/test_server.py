@@ -360,3 +360,51 @@ def test_replicas_downshift_together_through_a_real_prometheus(tiny_model_dir, t
         prom.wait(30)
         busy.stop()
         idle.stop()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--merge-rank", "3"], "--merge-rank 3 is not a rank of this adapter; valid ranks are [0, 1, 2, 4, 8]"),
+    (["--merge-rank", "top"], "--merge-rank takes 'auto' or an integer rank, got 'top'"),
+    (["--default-rank", "16"], "--default-rank 16 is not a rank of this adapter"),
+    (["--max-batch-size", "0"], "--max-batch-size: Input should be greater than or equal to 1"),
+])
+def test_bad_settings_exit_2_before_any_model_loads(tiny_checkpoint, capsys, args, message):
+    from server.cli import main
+
+    assert main(["--model", "/nonexistent-model", "--adapter", str(tiny_checkpoint), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_merge_without_an_adapter_is_refused(capsys):
+    from server.cli import main
+
+    assert main(["--model", "/nonexistent-model", "--merge-rank", "auto"]) == 2
+    assert "--merge-rank auto needs an --adapter" in capsys.readouterr().err
+
+
+def test_auto_merge_follows_the_traffic_and_answers_like_the_unmerged_server(tiny_model_dir, tiny_checkpoint, http):
+    """--merge-rank auto starts with the top rank merged, re-merges rank 2 once rank-2 traffic
+    dominates, and every answer equals the unmerged server's (the `server` fixture)."""
+    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint), "--merge-rank", "auto",
+                        "--merge-dwell-s", "0.2", "--calibrate-steps", "0").wait_ready()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as merged:
+            assert merged.get("/ranks").json()["merge"] == {"mode": "auto", "rank": 8}
+            assert metric(merged, "mlora_merged_rank") == 8
+            body = {"prompt": "Ada has 3 apples", "max_new_tokens": 12}
+            want = {k: http.post("/generate", json={**body, "rank": k}).json()["text"] for k in (0, 2, 8)}
+            assert merged.post("/generate", json={**body, "rank": 8}).json()["text"] == want[8]
+            results = []
+            senders = [threading.Thread(target=lambda: results.append(merged.post("/generate", json={
+                "prompt": "Ada", "max_new_tokens": 150, "ignore_eos": True, "rank": 2}).status_code)) for _ in range(3)]
+            for t in senders:
+                t.start()
+            assert wait_metric(merged, "mlora_merged_rank", 2, timeout=60) == 2
+            for t in senders:
+                t.join()
+            assert results == [200] * 3 and metric(merged, "mlora_merge_switches_total") >= 1
+            assert merged.get("/ranks").json()["merge"] == {"mode": "auto", "rank": 2}
+            for k in (0, 2, 8):  # rank 2 merged now: every rank still answers exactly as unmerged
+                assert merged.post("/generate", json={**body, "rank": k}).json()["text"] == want[k]
+    finally:
+        assert srv.stop() == 0

@@ -11,6 +11,7 @@ from torch import nn
 from trainer.nested import (
     AdapterState,
     NestedLoRALinear,
+    SiblingGroup,
     default_ranks,
     p_vector,
     rank_coeffs,
@@ -18,6 +19,7 @@ from trainer.nested import (
 )
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers that read one input
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped by PeftModel
 
 
@@ -71,6 +73,7 @@ class NestedAdapter:
         self.layers = layers
         self.state = next(iter(layers.values())).state
         self.merged_rank: int | None = None  # rank folded into the base weights, if any
+        self._pristine: dict[str, torch.Tensor] | None = None  # base weights before any remerge()
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -131,6 +134,29 @@ class NestedAdapter:
         if k != 0 and k not in self.config.ranks:
             raise ValueError(f"rank {k} is not servable; valid ranks are {[0, *self.config.ranks]}")
 
+    def fuse_siblings(self, enable: bool = True) -> int:
+        """Inference: compute ``A x`` of sibling layers (q/k/v, gate/up of one block; see
+        :data:`SIBLINGS`) in one matmul per group. Returns the number of groups. Outputs are the
+        same; training (grad enabled) is unaffected either way."""
+        for layer in self.layers.values():
+            layer.group = None
+        if not enable:
+            return 0
+        by_parent: dict[tuple[str, tuple[str, ...]], list[NestedLoRALinear]] = {}
+        for name, layer in self.layers.items():
+            parent, _, child = name.rpartition(".")
+            for names in SIBLINGS:
+                if child in names:
+                    by_parent.setdefault((parent, names), []).append(layer)
+        groups = 0
+        for members in by_parent.values():
+            if len(members) > 1 and len({m.base.in_features for m in members}) == 1:
+                group = SiblingGroup(members)
+                for m in members:
+                    m.group = group
+                groups += 1
+        return groups
+
     # -- merging -------------------------------------------------------------------------------
     def merge(self, k: int) -> None:
         """Fold the rank-k adapter into the base weights: rank k then costs what the base model
@@ -144,7 +170,41 @@ class NestedAdapter:
         self.merged_rank = k
         self.set_rank(k)
 
+    @torch.no_grad()
+    def remerge(self, k: int) -> None:
+        """Make rank k the merged rank, however often it changes: each layer's weight is rebuilt as
+        ``W₀ + ΔW_k`` (one rounding, in fp32) from a copy of the base weights taken on first use,
+        so switching ranks never accumulates rounding (a bf16 ``W += Δ; W -= Δ`` does). k = 0
+        restores the plain base weights. The copy lives on the CPU (pinned under CUDA)."""
+        self.check_rank(k)
+        if self.merged_rank is not None and self._pristine is None:
+            raise RuntimeError(f"merged at rank {self.merged_rank} by merge(); unmerge() before remerge()")
+        if self._pristine is None:
+            pin = self.device.type == "cuda"
+            self._pristine = {n: (l.base.weight.detach().to("cpu", copy=True).pin_memory() if pin
+                                  else l.base.weight.detach().clone()) for n, l in self.layers.items()}
+        s = self.config.scaling
+        for name, layer in self.layers.items():
+            w = layer.base.weight
+            w0 = self._pristine[name].to(w.device, non_blocking=True)
+            if k:
+                w.copy_(w0.float() + layer.delta_weight(k, s).float())
+            else:
+                w.copy_(w0)
+            layer.merged_rank = k
+        self.merged_rank = k
+        self.set_rank(k)
+
     def unmerge(self) -> None:
+        if self._pristine is not None:  # merged by remerge(): restore the copy exactly
+            k = self.merged_rank
+            self.remerge(0)
+            self._pristine = None
+            for layer in self.layers.values():
+                layer.merged_rank = None
+            self.merged_rank = None
+            self.set_rank(k)
+            return
         for layer in self.layers.values():
             layer.unmerge(self.config.scaling)
         if self.merged_rank is not None:
