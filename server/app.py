@@ -67,7 +67,6 @@ def load_state(settings: ServerSettings) -> AppState:
         if model.dtype != torch.float32:  # serve the adapter in the base dtype (no autocast here)
             for layer in adapter.layers.values():
                 layer.to(model.dtype)
-        adapter.fuse_siblings()  # one A matmul for q/k/v and one for gate/up per block
     ranks = adapter.config.ranks if adapter else []
     auto_merge = None
     if settings.merge_rank is not None:
@@ -97,7 +96,7 @@ def load_state(settings: ServerSettings) -> AppState:
     cfg = ControllerConfig.build(ranks, settings.min_rank, settings.max_rank, policy=settings.controller,
                                  dwell_s=settings.dwell_s, down_queue=settings.down_queue,
                                  up_queue=settings.up_queue, smooth_s=settings.smooth_s,
-                                 slo_p95_s=settings.slo_p95_ms / 1000)
+                                 slo_p95_s=settings.slo_p95_ms / 1000, min_gain=settings.min_gain)
     cluster = ClusterSignals(settings.prometheus_url) if settings.prometheus_url else None
     controller = RankController(cfg, metrics, throughput, cluster)
     engine = Engine(runner, tok,

@@ -31,7 +31,7 @@ FLAGS = {  # flag → (settings field, type)
     "--dwell-s": ("dwell_s", float), "--down-queue": ("down_queue", float), "--up-queue": ("up_queue", float),
     "--smooth-s": ("smooth_s", float),
     "--slo-p95-ms": ("slo_p95_ms", float), "--prometheus-url": ("prometheus_url", str),
-    "--calibrate-steps": ("calibrate_steps", int),
+    "--calibrate-steps": ("calibrate_steps", int), "--min-gain": ("min_gain", float),
 }
 
 

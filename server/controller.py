@@ -17,6 +17,11 @@ Policies:
   Up-moves also wait ``up_dwell_factor × dwell_s``.
 * ``off`` — always the largest allowed rank.
 
+Either policy lowers the rank only when that buys something: with a measured throughput table,
+a down-move is skipped (reason ``no_gain``) when even the lowest rung is not ``min_gain`` faster
+than the current rank — e.g. with ``--merge-rank auto`` every rank runs at the base model's cost,
+so the controller holds the most accurate rank.
+
 The ladder is ``{0} ∪ R`` limited to ``[min_rank, max_rank]``; rank 0 (the base model) is the
 last rung when ``min_rank`` is 0.
 """
@@ -27,7 +32,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-REASONS = ("hold", "dwell", "queue_high", "queue_low", "slo_violation", "capacity_short", "capacity_ok", "off")
+REASONS = ("hold", "dwell", "queue_high", "queue_low", "slo_violation", "capacity_short", "capacity_ok", "no_gain",
+           "off")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class ControllerConfig:
     smooth_s: float = 5.0  # time constant of the queue-depth EWMA
     slo_p95_s: float = 10.0  # slo: target p95 end-to-end latency
     headroom: float = 1.2  # slo: capacity must exceed demand by this factor
+    min_gain: float = 0.1  # lower the rank only if the lowest rung is this much faster (measured)
 
     @classmethod
     def build(cls, ranks: list[int], min_rank: int | None = None, max_rank: int | None = None,
@@ -107,10 +114,19 @@ def decide(obs: Observation, state: ControllerState, cfg: ControllerConfig,
         want, why = _slo(obs, state, rung, cfg, throughput or {})
     if want == rung:
         return Decision(state, why)
+    if want < rung and not _gains(throughput or {}, cfg, state.rank):
+        return Decision(state, "no_gain")
     needed = cfg.dwell_s * (cfg.up_dwell_factor if want > rung else 1.0)
     if held < needed:
         return Decision(state, "dwell")
     return _move(state, cfg.ladder[want], obs.t, why)
+
+
+def _gains(throughput: dict[int, float], cfg: ControllerConfig, rank: int) -> bool:
+    """Whether going down can buy throughput: the lowest rung measured ≥ ``min_gain`` faster than
+    ``rank``. Unknown costs (no calibration) count as a gain."""
+    low, here = throughput.get(cfg.ladder[0]), throughput.get(rank)
+    return low is None or here is None or low >= here * (1.0 + cfg.min_gain)
 
 
 def _smooth(state: ControllerState, obs: Observation, cfg: ControllerConfig) -> ControllerState:

@@ -238,14 +238,13 @@ def test_a_request_that_does_not_stream_gets_the_same_text_in_one_final_event(se
 
 def test_auto_merge_re_merges_mid_generation_without_changing_any_output(setup):
     """--merge-rank auto: rows prefilled with rank 8 merged keep their caches when the engine
-    re-merges rank 2 (the majority) between steps; fused sibling matmuls on; outputs unchanged."""
+    re-merges rank 2 (the majority) between steps; outputs unchanged."""
     from server.merging import AutoMerge
 
     model, tok, adapter = setup
     ranks = [8, 2, 2, 0]
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
     expected = [tok.decode(reference(setup, p, k, 10)[0], skip_special_tokens=True) for p, k in zip(prompts, ranks)]
-    adapter.fuse_siblings()
     adapter.remerge(8)
     try:
         engine = make_engine(setup, max_batch_size=4)
@@ -258,4 +257,3 @@ def test_auto_merge_re_merges_mid_generation_without_changing_any_output(setup):
         assert [k for k, _ in merges] == [2] and adapter.merged_rank == 2
     finally:
         adapter.unmerge()
-        adapter.fuse_siblings(False)

@@ -228,54 +228,6 @@ def test_set_rank_outside_r_is_an_error_listing_valid_ranks():
         adapter.set_rank(3)
 
 
-def test_fused_siblings_give_the_same_outputs_at_every_rank_and_mix(tiny_model_dir):
-    """q/k/v and gate/up share one A matmul per block at inference; outputs do not change."""
-    from conftest import trained_adapter
-
-    model, _, adapter = trained_adapter(tiny_model_dir)
-    ids = torch.randint(0, model.config.vocab_size, (3, 7))
-    settings = [("rank", k) for k in (0, 1, 4, 8)] + [("rows", [8, 0, 2]), ("rows", [1, 1, 4])]
-
-    def outputs():
-        out = []
-        for how, k in settings:
-            adapter.set_rank(k) if how == "rank" else adapter.set_row_ranks(k)
-            with torch.no_grad():
-                out.append(model(ids).logits)
-        return out
-
-    plain = outputs()
-    assert adapter.fuse_siblings() == 2 * model.config.num_hidden_layers  # (q,k,v) and (gate,up) per block
-    for got, want in zip(outputs(), plain):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    adapter.merge(4)  # merged + fused: rows at other ranks still exact
-    for got, want in zip(outputs(), plain):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    adapter.unmerge()
-
-
-def test_a_sibling_called_out_of_order_or_with_another_input_computes_its_own(tiny_model_dir):
-    from conftest import trained_adapter
-
-    model, _, adapter = trained_adapter(tiny_model_dir)
-    adapter.fuse_siblings()
-    attn = model.model.layers[0].self_attn
-    x, other = torch.randn(2, 5, model.config.hidden_size), torch.randn(2, 5, model.config.hidden_size)
-    with torch.no_grad():
-        v1 = attn.v_proj(x)  # v first: it computes for the group
-        k_other = attn.k_proj(other)  # another input: not the cached product
-        q1 = attn.q_proj(x)
-        adapter.fuse_siblings(False)
-        torch.testing.assert_close(v1, attn.v_proj(x))
-        torch.testing.assert_close(k_other, attn.k_proj(other))
-        torch.testing.assert_close(q1, attn.q_proj(x))
-    # with gradients on, the group is bypassed: training is unaffected
-    adapter.fuse_siblings()
-    loss = attn.q_proj(x).sum()
-    loss.backward()
-    assert attn.q_proj.lora_A.grad is not None and attn.k_proj.lora_A.grad is None
-
-
 def test_remerge_switches_ranks_exactly_and_unmerge_restores_the_base_bit_for_bit(tiny_model_dir):
     """remerge(k) rebuilds W from a copy of the base: after any number of switches the weights
     are exactly W₀ + ΔW_k (no accumulated rounding), and every rank still serves exactly."""

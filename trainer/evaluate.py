@@ -291,7 +291,6 @@ def run_eval(cfg: EvalConfig, command: list[str] | None = None) -> dict:
         model_name = cfg.model or meta["base_model"]["name"]
         model, tok = load_model(model_name, device, dtype)
         adapter, _ = load_adapter(ckpt, model)
-        adapter.fuse_siblings()  # inference only: one A matmul per group of layers sharing an input
         encoded = encode(task, tok)
         per_rank: dict[int, dict] = {}
         for k in [0, *rks]:

@@ -11,7 +11,6 @@ from torch import nn
 from trainer.nested import (
     AdapterState,
     NestedLoRALinear,
-    SiblingGroup,
     default_ranks,
     p_vector,
     rank_coeffs,
@@ -19,7 +18,6 @@ from trainer.nested import (
 )
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers that read one input
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped by PeftModel
 
 
@@ -133,29 +131,6 @@ class NestedAdapter:
     def check_rank(self, k: int) -> None:
         if k != 0 and k not in self.config.ranks:
             raise ValueError(f"rank {k} is not servable; valid ranks are {[0, *self.config.ranks]}")
-
-    def fuse_siblings(self, enable: bool = True) -> int:
-        """Inference: compute ``A x`` of sibling layers (q/k/v, gate/up of one block; see
-        :data:`SIBLINGS`) in one matmul per group. Returns the number of groups. Outputs are the
-        same; training (grad enabled) is unaffected either way."""
-        for layer in self.layers.values():
-            layer.group = None
-        if not enable:
-            return 0
-        by_parent: dict[tuple[str, tuple[str, ...]], list[NestedLoRALinear]] = {}
-        for name, layer in self.layers.items():
-            parent, _, child = name.rpartition(".")
-            for names in SIBLINGS:
-                if child in names:
-                    by_parent.setdefault((parent, names), []).append(layer)
-        groups = 0
-        for members in by_parent.values():
-            if len(members) > 1 and len({m.base.in_features for m in members}) == 1:
-                group = SiblingGroup(members)
-                for m in members:
-                    m.group = group
-                groups += 1
-        return groups
 
     # -- merging -------------------------------------------------------------------------------
     def merge(self, k: int) -> None:

@@ -142,43 +142,6 @@ def _leading_nonzero(c: torch.Tensor) -> int:
     return 0 if nz.numel() == 0 else int(nz[-1]) + 1
 
 
-class SiblingGroup:
-    """Layers that read the same input (q/k/v of one attention block; gate/up of one MLP).
-
-    At inference, the first member called with a new ``x`` computes ``A x`` for every member in
-    one matmul, ``x [A₁[:n]; A₂[:n]; …]ᵀ``, and the others take their slice: one small matmul
-    instead of one per member, which is what a decode step pays for (the arithmetic is tiny).
-    Correct whatever the call order: a member whose input is not the cached tensor (checked by
-    identity; the cache holds a reference, so the identity cannot be reused) computes its own.
-    Gradients never go through here (training keeps one plain matmul per layer).
-    """
-
-    def __init__(self, members: list[NestedLoRALinear]):
-        self.members = members
-        self._stacked: tuple[tuple, torch.Tensor] | None = None  # (key, [A₁[:n]; A₂[:n]; …])
-        self._x: torch.Tensor | None = None
-        self._h: torch.Tensor | None = None
-        self._pending: set[int] = set()  # members that have not taken their slice of _h yet
-
-    def _weights(self, n: int) -> torch.Tensor:
-        key = (n, *(m.lora_A._version for m in self.members), *(m.lora_A.data_ptr() for m in self.members))
-        if self._stacked is None or self._stacked[0] != key:
-            self._stacked = (key, torch.cat([m.lora_A[:n] for m in self.members]).detach())
-        return self._stacked[1]
-
-    def hidden(self, member: NestedLoRALinear, x: torch.Tensor, n: int) -> torch.Tensor:
-        """``A_member[:n] x``, from the shared product when ``x`` is the input the group saw last."""
-        i = self.members.index(member)
-        if x is not self._x or i not in self._pending or self._h is None or self._h.shape[-1] != n * len(self.members):
-            self._x, self._h = x, F.linear(x.to(self.members[0].lora_A.dtype), self._weights(n))
-            self._pending = set(range(len(self.members)))
-        self._pending.discard(i)
-        h = self._h[..., i * n:(i + 1) * n]
-        if not self._pending:  # every member served: drop the references
-            self._x = self._h = None
-        return h
-
-
 class NestedLoRALinear(nn.Module):
     """``y = W x + B (c ⊙ (A x))`` around a frozen ``nn.Linear`` (see the module docstring).
 
@@ -198,7 +161,6 @@ class NestedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
         self.lora_Bt = nn.Parameter(torch.zeros(r, base.out_features, device=dev))
         self.merged_rank: int | None = None
-        self.group: SiblingGroup | None = None  # set by NestedAdapter.fuse_siblings (inference only)
         self.reset_parameters(a_init)
 
     def reset_parameters(self, a_init: str = "peft") -> None:
@@ -219,10 +181,7 @@ class NestedLoRALinear(nn.Module):
         n = c.shape[-1]
         # the full tensors when n = r: a slice would make backward zero-fill and copy a full gradient
         A, Bt = (self.lora_A, self.lora_Bt) if n == self.r else (self.lora_A[:n], self.lora_Bt[:n])
-        if self.group is not None and not torch.is_grad_enabled():
-            h = self.group.hidden(self, x, n)  # (..., n), shared with the siblings' matmul
-        else:
-            h = F.linear(x.to(A.dtype), A)  # (..., n)
+        h = F.linear(x.to(A.dtype), A)  # (..., n)
         alpha = self.state.uniform
         if alpha is None:  # scale the small (..., n) intermediate, not the (..., out) output
             if c.dim() == 2:  # one coefficient row per batch row: (rows, n) -> (rows, 1.., n)
