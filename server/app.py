@@ -91,7 +91,7 @@ def load_state(settings: ServerSettings) -> AppState:
                "merge_rank": settings.merge_rank}
         prompt = tok("Question: how many apples are left?\nAnswer: ")["input_ids"]
         throughput = calibrate(runner, prompt, [0, *ranks], settings.max_batch_size, settings.calibrate_steps,
-                               cache_dir(), key, merge_each=auto_merge is not None)
+                               cache_dir(), key, same_cost=auto_merge is not None)
         log.info("measured decode tokens/s per rank at batch %d: %s", settings.max_batch_size, throughput)
     cfg = ControllerConfig.build(ranks, settings.min_rank, settings.max_rank, policy=settings.controller,
                                  dwell_s=settings.dwell_s, down_queue=settings.down_queue,

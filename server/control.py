@@ -171,9 +171,12 @@ class RankController:
 
 
 def calibrate(runner, prompt_ids: list[int], ranks: list[int], batch: int, steps: int,
-              cache: Path | None = None, key: dict | None = None, merge_each: bool = False) -> dict[int, float]:
+              cache: Path | None = None, key: dict | None = None, same_cost: bool = False) -> dict[int, float]:
     """Decode tokens/s at each rank with ``batch`` rows (after one warm-up step), cached by ``key``.
-    ``merge_each`` (auto merge): each rank is measured merged, as the server would run a batch of it."""
+
+    ``same_cost`` (``--merge-rank auto``): a batch at rank k runs with rank k merged, i.e. exactly
+    the base model's operations whatever k is; one measurement (at the merged rank) stands for
+    every rank, rather than several that would differ only by noise."""
     path = None
     if cache is not None and key is not None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -181,10 +184,7 @@ def calibrate(runner, prompt_ids: list[int], ranks: list[int], batch: int, steps
         if path.is_file():
             return {int(k): v for k, v in json.loads(path.read_text()).items()}
     table = {}
-    merged = runner.adapter.merged_rank if merge_each else None
-    for k in ranks:
-        if merge_each:
-            runner.remerge(k)
+    for k in [runner.adapter.merged_rank] if same_cost else ranks:
         runner.reset()
         new = runner.prefill([prompt_ids] * batch, [k] * batch)
         runner.join(new)
@@ -195,8 +195,8 @@ def calibrate(runner, prompt_ids: list[int], ranks: list[int], batch: int, steps
             tokens = runner.decode(tokens).argmax(-1).tolist()
         table[k] = round(batch * steps / (time.perf_counter() - t0), 2)
     runner.reset()
-    if merge_each:
-        runner.remerge(merged)
+    if same_cost:
+        table = dict.fromkeys(ranks, table[runner.adapter.merged_rank])
     if path is not None:
         from trainer.checkpoint import atomic_write_json
 
