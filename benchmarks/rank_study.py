@@ -64,7 +64,7 @@ class Budget:
 
 
 BUDGETS = {
-    "smoke": Budget(steps=2, epochs=1, batch_size=2, max_length=128, train_limit=8, heldout_skip=7000,
+    "smoke": Budget(steps=2, epochs=1, batch_size=2, max_length=128, train_limit=8, heldout_skip=8,
                     heldout_n=4, heldout_generate=False, test_n=4, max_new_tokens=8, eval_batch_size=4,
                     lrs=[1e-3, 3e-3], seeds=[0, 1], rank=8, note="pipeline check only; numbers mean nothing"),
     "cpu": Budget(steps=20, epochs=1, batch_size=4, max_length=256, train_limit=80, heldout_skip=7000,

@@ -18,9 +18,9 @@ Policies:
 * ``off`` — always the largest allowed rank.
 
 Either policy lowers the rank only when that buys something: with a measured throughput table,
-a down-move is skipped (reason ``no_gain``) when even the lowest rung is not ``min_gain`` faster
-than the current rank — e.g. with ``--merge-rank auto`` every rank runs at the base model's cost,
-so the controller holds the most accurate rank.
+a down-move is skipped (reason ``no_gain``) unless the lowest rung is more than ``min_gain``
+faster than the current rank — e.g. with ``--merge-rank auto`` every rank runs at the base
+model's cost (one measurement stands for all), so the controller holds the most accurate rank.
 
 The ladder is ``{0} ∪ R`` limited to ``[min_rank, max_rank]``; rank 0 (the base model) is the
 last rung when ``min_rank`` is 0.
@@ -47,7 +47,7 @@ class ControllerConfig:
     smooth_s: float = 5.0  # time constant of the queue-depth EWMA
     slo_p95_s: float = 10.0  # slo: target p95 end-to-end latency
     headroom: float = 1.2  # slo: capacity must exceed demand by this factor
-    min_gain: float = 0.1  # lower the rank only if the lowest rung is this much faster (measured)
+    min_gain: float = 0.0  # lower the rank only if the lowest rung is more than this much faster
 
     @classmethod
     def build(cls, ranks: list[int], min_rank: int | None = None, max_rank: int | None = None,
@@ -123,10 +123,10 @@ def decide(obs: Observation, state: ControllerState, cfg: ControllerConfig,
 
 
 def _gains(throughput: dict[int, float], cfg: ControllerConfig, rank: int) -> bool:
-    """Whether going down can buy throughput: the lowest rung measured ≥ ``min_gain`` faster than
-    ``rank``. Unknown costs (no calibration) count as a gain."""
+    """Whether going down can buy throughput: the lowest rung measured more than ``min_gain``
+    faster than ``rank``. Unknown costs (no calibration) count as a gain."""
     low, here = throughput.get(cfg.ladder[0]), throughput.get(rank)
-    return low is None or here is None or low >= here * (1.0 + cfg.min_gain)
+    return low is None or here is None or low > here * (1.0 + cfg.min_gain)
 
 
 def _smooth(state: ControllerState, obs: Observation, cfg: ControllerConfig) -> ControllerState:
