@@ -60,6 +60,7 @@ class Budget:
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     rank: int = 64
+    shots: int = 0  # few-shot exemplars in the test prompts (the paper: 8-shot via lm-evaluation-harness)
     note: str = ""
 
 
@@ -72,7 +73,7 @@ BUDGETS = {
                   note="2-core CPU, fp32: 20 steps x 4 examples (80 train records), 24 test problems"),
     "full": Budget(steps=None, epochs=3, batch_size=16, max_length=512, train_limit=7000, heldout_skip=7000,
                    heldout_n=473, heldout_generate=True, test_n=None, max_new_tokens=256, eval_batch_size=64,
-                   note="one GPU, bf16: 7000 train records x 3 epochs, the whole test set (1319)"),
+                   shots=8, note="one GPU, bf16: 7000 train records x 3 epochs, the whole test set (1319), 8-shot"),
 }
 
 
@@ -135,7 +136,8 @@ class Study:
                 what = ["--data", str(self.data / "train.jsonl"), "--skip", str(b.heldout_skip),
                         "--limit", str(b.heldout_n)] + ([] if b.heldout_generate else ["--no-generate"])
             else:
-                what = ["--data", str(self.data / "test.jsonl")] + (["--limit", str(b.test_n)] if b.test_n else [])
+                what = ["--data", str(self.data / "test.jsonl"), "--shots", str(b.shots)] + (
+                    ["--limit", str(b.test_n)] if b.test_n else [])
             self.trainer(f"eval-{name}", "eval", *map(str, ckpts), *what, "--model", self.model,
                          "--batch-size", str(b.eval_batch_size), "--max-new-tokens", str(b.max_new_tokens),
                          "--no-progress", "--out", str(out))
