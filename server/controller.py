@@ -17,10 +17,12 @@ Policies:
   Up-moves also wait ``up_dwell_factor × dwell_s``.
 * ``off`` — always the largest allowed rank.
 
-Either policy lowers the rank only when that buys something: with a measured throughput table,
-a down-move is skipped (reason ``no_gain``) unless the lowest rung is more than ``min_gain``
-faster than the current rank — e.g. with ``--merge-rank auto`` every rank runs at the base
-model's cost (one measurement stands for all), so the controller holds the most accurate rank.
+Either policy lowers the rank only when that buys something (otherwise: reason ``no_gain``).
+With ``equal_costs`` (the server sets it under ``--merge-rank auto``, where a batch at any rank
+runs at the base model's cost) it never lowers: the most accurate rank is free. With
+``min_gain`` set, a down-move also needs the measured throughput of the lowest rung to beat the
+current rank's by more than that fraction; off by default, because a short startup calibration is
+noisy enough to hide a real gain (unmerged, rank 0 skips the adapter: lowering always saves).
 
 The ladder is ``{0} ∪ R`` limited to ``[min_rank, max_rank]``; rank 0 (the base model) is the
 last rung when ``min_rank`` is 0.
@@ -47,7 +49,8 @@ class ControllerConfig:
     smooth_s: float = 5.0  # time constant of the queue-depth EWMA
     slo_p95_s: float = 10.0  # slo: target p95 end-to-end latency
     headroom: float = 1.2  # slo: capacity must exceed demand by this factor
-    min_gain: float = 0.0  # lower the rank only if the lowest rung is more than this much faster
+    min_gain: float | None = None  # if set: lower only if the lowest rung is measured this much faster
+    equal_costs: bool = False  # every rank costs the same (auto merge): never lower
 
     @classmethod
     def build(cls, ranks: list[int], min_rank: int | None = None, max_rank: int | None = None,
@@ -123,8 +126,11 @@ def decide(obs: Observation, state: ControllerState, cfg: ControllerConfig,
 
 
 def _gains(throughput: dict[int, float], cfg: ControllerConfig, rank: int) -> bool:
-    """Whether going down can buy throughput: the lowest rung measured more than ``min_gain``
-    faster than ``rank``. Unknown costs (no calibration) count as a gain."""
+    """Whether going down can buy throughput (see the module docstring). Unknown costs count as a gain."""
+    if cfg.equal_costs:
+        return False
+    if cfg.min_gain is None:
+        return True
     low, here = throughput.get(cfg.ladder[0]), throughput.get(rank)
     return low is None or here is None or low > here * (1.0 + cfg.min_gain)
 
