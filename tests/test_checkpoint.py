@@ -144,3 +144,17 @@ def test_info_cli_prints_the_p_vector(tiny_model_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "trainer", "info", str(tmp_path / "missing")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the final file must read like a plain open()
+    made it, so a server running as another user (a container) can load the checkpoint."""
+    import os
+
+    from trainer.checkpoint import UMASK, atomic_write_json
+
+    atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~UMASK
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert os.stat(plain).st_mode & 0o777 == (tmp_path / "x.json").stat().st_mode & 0o777

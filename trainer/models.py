@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint import UMASK
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = {
@@ -83,6 +85,7 @@ def materialise_embedded(alias: str) -> Path:
     model.config._name_or_path = alias
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}."))
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700; the cache should read like any folder
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
