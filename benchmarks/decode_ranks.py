@@ -103,9 +103,8 @@ def main() -> None:
         random.Random(rep).shuffle(order)
         for name, (ranks, merged) in order:
             t0 = time.perf_counter()
-            adapter.remerge(0 if merged is None else merged)  # 0: the plain base weights (unmerged)
+            runner.remerge(0 if merged is None else merged)  # 0: the plain base weights (unmerged)
             remerge_s.append(time.perf_counter() - t0)
-            runner._coeff_key = None  # the coefficients depend on the merged rank
             tps = decode_tokens_per_s(runner, prompts, ranks, args.steps)
             if rep:
                 times[name].append(tps)

@@ -207,18 +207,24 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     assert kept == [True, True, False, False, False] and probs[0] < 0.8 < probs[:2].sum()
 
 
+def assert_served_like_references(setup, engine: Engine, ranks: list[int], n: int, merge) -> None:
+    """PROMPTS[:len(ranks)] at ``ranks`` through ``engine``, after ``merge()``, give the texts the
+    unmerged adapter gives one request at a time (references computed before merging)."""
+    _, tok, _ = setup
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:len(ranks)]]
+    expected = [tok.decode(reference(setup, p, k, n)[0], skip_special_tokens=True) for p, k in zip(prompts, ranks)]
+    merge()
+    reqs = [GenerationRequest(p, k, SamplingParams(max_new_tokens=n), Collector()) for p, k in zip(prompts, ranks)]
+    run_all(engine, reqs)
+    assert [r.sink.text for r in reqs] == expected
+
+
 def test_merged_rank_serves_every_rank_like_the_unmerged_adapter(setup):
     """--merge-rank: rank m folded into W, other rows add c_k − c_m; outputs unchanged."""
-    model, tok, adapter = setup
-    ranks = [8, 0, 2, 8]
-    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
-    expected = [tok.decode(reference(setup, p, k, 8)[0], skip_special_tokens=True) for p, k in zip(prompts, ranks)]
-    adapter.merge(8)
+    _, _, adapter = setup
     try:
-        engine = make_engine(setup, max_batch_size=4)
-        reqs = [GenerationRequest(p, k, SamplingParams(max_new_tokens=8), Collector()) for p, k in zip(prompts, ranks)]
-        run_all(engine, reqs)
-        assert [r.sink.text for r in reqs] == expected
+        assert_served_like_references(setup, make_engine(setup, max_batch_size=4), [8, 0, 2, 8], 8,
+                                      lambda: adapter.merge(8))
     finally:
         adapter.unmerge()
 
@@ -241,19 +247,13 @@ def test_auto_merge_re_merges_mid_generation_without_changing_any_output(setup):
     re-merges rank 2 (the majority) between steps; outputs unchanged."""
     from server.merging import AutoMerge
 
-    model, tok, adapter = setup
-    ranks = [8, 2, 2, 0]
-    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
-    expected = [tok.decode(reference(setup, p, k, 10)[0], skip_special_tokens=True) for p, k in zip(prompts, ranks)]
-    adapter.remerge(8)
+    _, _, adapter = setup
     try:
         engine = make_engine(setup, max_batch_size=4)
         engine.auto_merge = AutoMerge(merged=8, dwell_s=0.0, half_life_s=1.0)
         merges = []
         engine.on_step = lambda s: merges.append(s.merged) if s.merged else None
-        reqs = [GenerationRequest(p, k, SamplingParams(max_new_tokens=10), Collector()) for p, k in zip(prompts, ranks)]
-        run_all(engine, reqs)
-        assert [r.sink.text for r in reqs] == expected
+        assert_served_like_references(setup, engine, [8, 2, 2, 0], 10, lambda: adapter.remerge(8))
         assert [k for k, _ in merges] == [2] and adapter.merged_rank == 2
     finally:
         adapter.unmerge()
