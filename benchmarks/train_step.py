@@ -3,11 +3,12 @@
 What is measured: the wall time of one training step — forward, loss, backward, AdamW step,
 zero_grad — in fp32 on the CPU, on one fixed batch, for four variants:
 
-* ``matryoshka``, ``lora``, ``dylora``: our ``NestedLoRALinear`` (r=64, R = 1, 2, 4, …, 64,
-  scaling sqrt) on q, k, v, o, gate, up, down. The three share one injected model (they differ
-  only in the coefficient vector c); each has its own AdamW. DyLoRA draws its rank b from R every
-  step with a seeded generator, and its cost grows with b, so its median depends on the draws
-  (they are printed).
+* ``matryoshka``, ``lora``, ``dylora``, ``dylora@r``: our ``NestedLoRALinear`` (r=64,
+  R = 1, 2, 4, …, 64, scaling sqrt) on q, k, v, o, gate, up, down. They share one injected model
+  (they differ only in the coefficient vector c); each has its own AdamW. DyLoRA draws its rank b
+  from R every step with a seeded generator and computes only the first b components, so its cost
+  grows with b and its median depends on the draws (they are printed); ``dylora@r`` is DyLoRA's
+  step at b = r, the same work as the others.
 * ``peft-lora``: PEFT's LoRA (same r, rsLoRA scaling 1/√r, no dropout, same targets) on a
   separately loaded copy of the same base model.
 
@@ -26,9 +27,11 @@ about ±10%, so with the default 5 rounds a ratio is good to about ±5%; ``--rep
 narrows that.
 
 How to read it: ``Matryoshka/LoRA`` is the cost of training every prefix at once over plain LoRA
-(goal ≤ 1.03: the extra work is one length-r coefficient vector instead of a scalar);
-``ours/PEFT`` is our LoRA over PEFT's (goal ≤ 1.00). ``DyLoRA/LoRA`` is below 1 when the draws
-favour small b. Run: ``python benchmarks/train_step.py | tee benchmarks/train_step.txt``.
+(goal ≤ 1.03: the extra work is one length-r coefficient vector instead of a scalar), and
+``Matryoshka/DyLoRA@r`` the same against DyLoRA at equal work (goal ≤ 1.03); ``ours/PEFT`` is
+our LoRA over PEFT's (goal ≤ 1.00). ``DyLoRA/LoRA`` and ``Matryoshka/DyLoRA`` (no goal) compare
+against DyLoRA's average step, which skips the components past its draw b: DyLoRA is cheaper per
+step because it trains less of the adapter each step, not because its layer is faster. Run: ``python benchmarks/train_step.py | tee benchmarks/train_step.txt``.
 """
 
 from __future__ import annotations
@@ -57,11 +60,12 @@ from trainer.train import token_loss_sum  # noqa: E402
 
 GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 RANK = 64
-OURS = ("matryoshka", "lora", "dylora")
+OURS = ("matryoshka", "lora", "dylora", "dylora@r")
 VARIANTS = (*OURS, "peft-lora")
-RATIOS = {"Matryoshka/LoRA": ("matryoshka", "lora"), "DyLoRA/LoRA": ("dylora", "lora"),
+RATIOS = {"Matryoshka/LoRA": ("matryoshka", "lora"), "Matryoshka/DyLoRA@r": ("matryoshka", "dylora@r"),
+          "Matryoshka/DyLoRA": ("matryoshka", "dylora"), "DyLoRA/LoRA": ("dylora", "lora"),
           "ours/PEFT": ("lora", "peft-lora")}  # name → (numerator, denominator) variants
-GOALS = {"Matryoshka/LoRA": 1.03, "ours/PEFT": 1.00}
+GOALS = {"Matryoshka/LoRA": 1.03, "Matryoshka/DyLoRA@r": 1.03, "ours/PEFT": 1.00}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,7 +131,7 @@ def build_ours(model_name: str, seed: int) -> tuple[dict[str, NestedAdapter], ob
     base = NestedAdapter.inject(model, AdapterConfig(method="lora", r=RANK, scaling="sqrt",
                                                      target_modules=list(DEFAULT_TARGETS)))
     model.train()
-    views = {m: NestedAdapter(model, replace(base.config, method=m), base.layers) for m in OURS}
+    views = {m: NestedAdapter(model, replace(base.config, method=m.split("@")[0]), base.layers) for m in OURS}
     return views, tok
 
 
@@ -168,13 +172,16 @@ class Stepper:
     """One variant: its model, its AdamW, and how it sets coefficients before a step."""
 
     def __init__(self, name: str, model, params: list[torch.Tensor], adapter: NestedAdapter | None = None,
-                 sampler: torch.Generator | None = None):
-        self.name, self.model, self.adapter, self.sampler = name, model, adapter, sampler
+                 sampler: torch.Generator | None = None, fixed_b: int | None = None):
+        self.name, self.model, self.adapter, self.sampler, self.fixed_b = name, model, adapter, sampler, fixed_b
         self.opt = torch.optim.AdamW(params, lr=1e-5)
         self.draws: list[int] = []  # DyLoRA's rank per step
 
     def set_coeffs(self) -> None:
         if self.adapter is None:
+            return
+        if self.fixed_b is not None:
+            self.adapter.set_training_coeffs(self.fixed_b)
             return
         if self.sampler is None:
             self.adapter.set_training_coeffs()
@@ -196,7 +203,8 @@ class Stepper:
 
 def make_steppers(ours: dict[str, NestedAdapter], peft_model, seed: int) -> list[Stepper]:
     shared = ours["lora"].parameters()
-    steppers = [Stepper(m, a.model, shared, a, torch.Generator().manual_seed(seed) if m == "dylora" else None)
+    steppers = [Stepper(m, a.model, shared, a, torch.Generator().manual_seed(seed) if m == "dylora" else None,
+                        fixed_b=RANK if m == "dylora@r" else None)
                 for m, a in ours.items()]
     peft_params = [p for p in peft_model.parameters() if p.requires_grad]
     steppers.append(Stepper("peft-lora", peft_model, peft_params))
@@ -241,11 +249,11 @@ def report(args, batch, times: dict[str, list[float]], dylora_draws: list[int], 
         print(f"{name:<12}{med[name]:>14.3f}{min(ts):>8.3f}{max(ts):>8.3f}{tokens / med[name]:>10.0f}")
     print(f"dylora ranks drawn in the timed steps: {dylora_draws} (its cost grows with b; median only)")
     print()
-    print(f"{'ratio':<16}{'of medians':>11}{'of mins':>9}   goal (on medians)")
+    print(f"{'ratio':<21}{'of medians':>11}{'of mins':>9}   goal (on medians)")
     for name, (a, b) in RATIOS.items():
         value, goal = med[a] / med[b], GOALS.get(name)
         verdict = f"<= {goal:.2f}  {'PASS' if value <= goal else 'MISS'}" if goal else "-"
-        print(f"{name:<16}{value:>11.3f}{low[a] / low[b]:>9.3f}   {verdict}")
+        print(f"{name:<21}{value:>11.3f}{low[a] / low[b]:>9.3f}   {verdict}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     progress(f"timing {', '.join(VARIANTS)}: {args.warmup} warmup + {args.reps} reps each, round-robin")
     load_before = os.getloadavg()[0]
     times = run_round_robin(steppers, batch, args.warmup, args.reps)
-    dylora = next(s for s in steppers if s.name == "dylora")
+    dylora = next(s for s in steppers if s.name == "dylora")  # dylora@r records no draws
     report(args, batch, times, dylora.draws[args.warmup:], losses, n_params, (load_before, os.getloadavg()[0]))
 
 

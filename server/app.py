@@ -97,7 +97,7 @@ def load_state(settings: ServerSettings) -> AppState:
                                  dwell_s=settings.dwell_s, down_queue=settings.down_queue,
                                  up_queue=settings.up_queue, smooth_s=settings.smooth_s,
                                  slo_p95_s=settings.slo_p95_ms / 1000, min_gain=settings.min_gain,
-                                 equal_costs=auto_merge is not None)
+                                 equal_costs=auto_merge is not None, batch_size=settings.max_batch_size)
     cluster = ClusterSignals(settings.prometheus_url) if settings.prometheus_url else None
     controller = RankController(cfg, metrics, throughput, cluster)
     engine = Engine(runner, tok,

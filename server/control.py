@@ -166,7 +166,7 @@ class RankController:
         return {"policy": self.cfg.policy, "rank": self.rank, "ladder": list(self.cfg.ladder),
                 "since_s": round(time.monotonic() - self.state.since, 1),
                 "last_reason": self.last.reason if self.last else None,
-                "queue_avg": round(self.state.queue_avg, 2),
+                "queue_avg": round(self.state.queue_avg, 2), "busy_avg": round(self.state.busy_avg, 2),
                 "observed": None if obs is None else {k: v for k, v in obs.__dict__.items() if k != "t"}}
 
 

@@ -35,7 +35,9 @@ class ServerSettings(BaseSettings):
         "threshold", description="how 'auto' (and elastic) requests get their rank under load")
     min_rank: int | None = Field(None, ge=0, description="lowest rank the controller may choose (0: base model)")
     max_rank: int | None = Field(None, ge=0, description="highest rank the controller may choose")
-    dwell_s: float = Field(5.0, ge=0, description="min seconds between controller switches (up: 3×)")
+    dwell_s: float = Field(5.0, ge=0, description="seconds a rank is held before the controller moves "
+                         "down (less when the queue is deep: down-queue / queue, to a quarter) or up (3×; 1× while "
+                         "at most half the batch is busy)")
     down_queue: float = Field(4.0, gt=0, description="threshold: smoothed queue depth that lowers the rank")
     up_queue: float = Field(0.5, ge=0, description="threshold: smoothed queue depth that allows raising it")
     smooth_s: float = Field(5.0, ge=0, description="time constant of the controller's queue-depth average")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -25,14 +26,26 @@ def test_idle_stays_at_the_max_rank():
     assert set(t.run(trace([0] * 100))) == {16} and t.switches == 0
 
 
-def test_step_overload_goes_down_one_rung_per_dwell_to_the_base_model():
+def test_step_overload_goes_down_one_rung_at_a_time_to_the_base_model():
     t = Trace(cfg())
     ranks = t.run(trace([10] * 60))  # 30 s of a deep queue
     assert ranks[-1] == 0
     changes = [(d.state.since, d.rank) for d in t.decisions if d.changed]
     assert [r for _, r in changes] == [8, 4, 2, 1, 0]  # one rung at a time
     times = [s for s, _ in changes]
-    assert all(b - a >= 2.0 for a, b in zip(times, times[1:]))  # never faster than the dwell
+    # never faster than the dwell shortened by the depth (at most max_urgency = 4-fold)
+    assert all(b - a >= 2.0 / 4 for a, b in pairwise(times))
+
+
+def test_a_deep_queue_walks_down_faster_than_a_marginal_one():
+    def time_to_bottom(depth: float, **kw) -> float:
+        t = Trace(cfg(**kw))
+        t.run(trace([depth] * 200))
+        return next(d.state.since for d in t.decisions if d.rank == 0)
+
+    marginal, deep = time_to_bottom(4.5), time_to_bottom(16)
+    assert deep < marginal / 2  # 4 × the down level: each dwell is a quarter as long
+    assert time_to_bottom(16, max_urgency=1.0) > 2 * deep  # without urgency: the fixed dwell
 
 
 def test_recovery_goes_up_slower_than_it_went_down():
@@ -41,9 +54,25 @@ def test_recovery_goes_up_slower_than_it_went_down():
     down = [d.state.since for d in t.decisions if d.changed == -1]
     up = [d.state.since for d in t.decisions if d.changed == 1]
     assert ranks[-1] == 16 and len(up) == 5
-    assert min(b - a for a, b in zip(up, up[1:])) >= 6.0 > max(b - a for a, b in zip(down, down[1:]))
+    assert min(b - a for a, b in pairwise(up)) >= 6.0 > max(b - a for a, b in pairwise(down))
     # back at max rank within the EWMA's decay to the up level (5 s × ln 20 ≈ 15 s) + 5 up-dwells
     assert up[-1] - 20 <= 15 + 5 * 6.0 + 0.5
+
+
+def test_with_half_the_batch_free_the_way_up_is_quick_and_with_a_full_batch_slow():
+    """After a burst, a light load (2 of 8 rows busy) climbs at one dwell per rung; a load that
+    still fills the batch (8 rows, empty queue) climbs at 3 dwells per rung."""
+    def climb(running: float) -> list[float]:
+        t = Trace(cfg(batch_size=8))
+        obs = trace([10] * 40) + [Observation(t=20 + i * 0.5, queue_depth=0, running=running) for i in range(240)]
+        t.run(obs)
+        return [d.state.since for d in t.decisions if d.changed == 1]
+
+    light, full = climb(2), climb(8)
+    assert len(light) == len(full) == 5
+    assert max(b - a for a, b in pairwise(light)) < 2.5  # one dwell (2 s) per rung, on the 0.5 s grid
+    assert min(b - a for a, b in pairwise(full)) >= 6.0  # three dwells per rung
+    assert light[-1] < full[-1] - 15
 
 
 def test_noise_between_the_levels_never_switches():
@@ -58,6 +87,17 @@ def test_noise_around_a_level_switches_at_most_twice_a_minute():
     t = Trace(cfg())
     t.run(trace([max(0, rng.gauss(3, 2)) for _ in range(1200)]))  # 10 minutes, crossing both levels
     assert t.switches <= 2 * 10
+
+
+def test_a_ramp_lowers_the_rank_monotonically_and_the_ramp_down_raises_it_back():
+    up = [i * 0.1 for i in range(120)]  # the queue grows 0 → 12 over 60 s, then shrinks as fast
+    t = Trace(cfg())
+    ranks = t.run(trace(up + up[::-1] + [0] * 120))
+    bottom = ranks.index(0)
+    falling, rising = ranks[:bottom + 1], ranks[bottom:]
+    assert all(b <= a for a, b in pairwise(falling))  # never back up while the load grows
+    assert all(b >= a for a, b in pairwise(rising))  # never down again while it falls
+    assert ranks[-1] == 16 and t.switches == 10  # five rungs down, five up: no flapping on either slope
 
 
 def test_a_short_spike_moves_one_rung_at_most():
@@ -111,3 +151,16 @@ def test_where_every_rank_costs_the_same_the_controller_holds_the_max_rank(polic
     assert set(Trace(cfg(min_gain=0.05, **kw), noisy).run(overload)) == {16}  # within noise of flat
     assert Trace(cfg(min_gain=0.05, **kw), {**noisy, 16: 80.0}).run(overload)[-1] < 16  # a real gain
     assert Trace(cfg(**kw), noisy).run(overload)[-1] < 16  # default: the table is not trusted for this
+
+
+def test_in_a_simulated_engine_the_controller_recovers_in_time_and_holds_a_steady_load():
+    """Closed loop: the decision function drives benchmarks/controller_sim.py's model of the
+    engine through the demo's ramp (light, overload, light, steady noisy), five seeds."""
+    from benchmarks.controller_sim import Model, claims
+
+    model = Model(cap0=1.68, cap_top=0.914, prefill=1.5, new_tokens=32, r=256)
+    cfg = ControllerConfig.build(model.ranks, dwell_s=3.0, down_queue=2.0, smooth_s=3.0, batch_size=model.batch)
+    runs = [claims(model, cfg, seed) for seed in range(5)]
+    assert all(r["c3"] for r in runs)  # back at the top rank within the stated bound
+    assert sum(r["c4"] for r in runs) >= 4  # ≤ 2 switches a minute under the steady noisy load
+    assert all(r["p95_auto"] < r["p95_max"] for r in runs)  # the overload hurts less than at fixed max rank

@@ -62,6 +62,40 @@ def wait_http_ok(url: str, timeout: float) -> None:
     raise AssertionError(f"{url} did not become ready in {timeout} s")
 
 
+class Busy:
+    """``n`` senders that resubmit ``body(i)`` to ``url`` until the block exits, so that a load
+    lasts until the reaction under test is seen, however fast this machine decodes (a fixed burst
+    can drain first). ``responses`` collects (status, json) of every finished request."""
+
+    def __init__(self, url: str, n: int, body):
+        self.url, self.body, self.responses = url, body, []
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._send, args=(i,)) for i in range(n)]
+
+    def _send(self, i: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=300) as c:
+            while not self._done.is_set():
+                r = c.post("/generate", json=self.body(i))
+                self.responses.append((r.status_code, r.json()))
+
+    def __enter__(self) -> Busy:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for t in self._threads:
+            t.join(300)
+
+
+def wait_until(check, timeout: float, step: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while not (ok := check()) and time.monotonic() < end:
+        time.sleep(step)
+    return bool(ok)
+
+
 def sse(lines) -> list[dict | str]:
     out = []
     for line in lines:
@@ -283,24 +317,17 @@ def test_controller_lowers_the_rank_under_a_burst_and_raises_it_again(tiny_model
         with httpx.Client(base_url=srv.url, timeout=120) as http:
             info = http.get("/ranks").json()
             assert set(info["throughput"]) == {"0", "1", "2", "4", "8"} and info["controller"]["rank"] == 8
-            results = []
 
-            def send(policy):
-                r = http.post("/generate", json={"prompt": "Ada", "max_new_tokens": 60, "ignore_eos": True,
-                                                 "rank": 8 if policy == "elastic" else "auto", "rank_policy": policy})
-                results.append(r.json()["rank"])
+            def body(i):  # half the senders ask for auto, half for "at most 8" (elastic)
+                return {"prompt": "Ada", "max_new_tokens": 60, "ignore_eos": True,
+                        "rank": 8 if i % 2 else "auto", "rank_policy": "elastic" if i % 2 else "fixed"}
 
-            burst = [threading.Thread(target=send, args=("elastic" if i % 2 else "fixed",)) for i in range(16)]
-            for t in burst:
-                t.start()
-            lowest = 8
-            end = time.monotonic() + 60
-            while any(t.is_alive() for t in burst) and time.monotonic() < end:
-                lowest = min(lowest, metric(http, "mlora_current_auto_rank"))
-                time.sleep(0.1)
-            for t in burst:
-                t.join()
-            assert lowest < 8 and min(results) < 8  # downshifted under the burst, and requests saw it
+            with Busy(srv.url, 16, body) as burst:
+                # downshifted under the burst, and requests admitted since then saw it
+                assert wait_until(lambda: metric(http, "mlora_current_auto_rank") < 8, timeout=60), srv.output()[-4000:]
+                assert wait_until(lambda: any(b["rank"] < 8 for _, b in burst.responses), timeout=60)
+            assert {status for status, _ in burst.responses} == {200}
+            assert {b["rank"] for _, b in burst.responses} <= {0, 1, 2, 4, 8}
             assert metric(http, "mlora_rank_switches_total", direction="down") >= 1
             t_idle = time.monotonic()
             assert wait_metric(http, "mlora_current_auto_rank", 8, timeout=30) == 8  # back up once idle
@@ -331,31 +358,16 @@ def test_replicas_downshift_together_through_a_real_prometheus(tiny_model_dir, t
     prom = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = threading.Event()
-
-    def keep_busy():  # resubmit until the idle replica has reacted, so the busy queue never drains first
-        while not done.is_set():
-            httpx.post(busy.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 100, "ignore_eos": True},
-                       timeout=300)
-
-    senders = [threading.Thread(target=keep_busy) for _ in range(12)]
+    load = Busy(busy.url, 12, lambda i: {"prompt": "Ada", "max_new_tokens": 100, "ignore_eos": True})
     try:
         busy.wait_ready()
         idle.wait_ready()
         wait_http_ok(f"http://127.0.0.1:{prom_port}/-/ready", timeout=60)
-        for t in senders:
-            t.start()
-        with httpx.Client(base_url=idle.url) as http:
-            end = time.monotonic() + 90
-            while (rank := metric(http, "mlora_current_auto_rank")) >= 8 and time.monotonic() < end:
-                time.sleep(0.1)
-            assert rank < 8, idle.output()[-4000:]
+        # the busy replica stays swamped until the idle one has reacted (its queue never drains first)
+        with load, httpx.Client(base_url=idle.url) as http:
+            assert wait_until(lambda: metric(http, "mlora_current_auto_rank") < 8, timeout=90), idle.output()[-4000:]
             assert metric(http, "mlora_queue_depth") == 0  # A itself was idle all along
     finally:
-        done.set()
-        for t in senders:
-            if t.is_alive():
-                t.join(300)
         prom.terminate()
         prom.wait(30)
         busy.stop()
@@ -397,15 +409,11 @@ def test_auto_merge_follows_the_traffic_and_answers_like_the_unmerged_server(tin
             body = {"prompt": "Ada has 3 apples", "max_new_tokens": 12}
             want = {k: http.post("/generate", json={**body, "rank": k}).json()["text"] for k in (0, 2, 8)}
             assert merged.post("/generate", json={**body, "rank": 8}).json()["text"] == want[8]
-            results = []
-            senders = [threading.Thread(target=lambda: results.append(merged.post("/generate", json={
-                "prompt": "Ada", "max_new_tokens": 150, "ignore_eos": True, "rank": 2}).status_code)) for _ in range(3)]
-            for t in senders:
-                t.start()
-            assert wait_metric(merged, "mlora_merged_rank", 2, timeout=60) == 2
-            for t in senders:
-                t.join()
-            assert results == [200] * 3 and metric(merged, "mlora_merge_switches_total") >= 1
+            rank2 = {"prompt": "Ada", "max_new_tokens": 150, "ignore_eos": True, "rank": 2}
+            with Busy(srv.url, 3, lambda i: rank2) as load:  # rank 2 takes over the traffic
+                assert wait_metric(merged, "mlora_merged_rank", 2, timeout=60) == 2
+            assert {status for status, _ in load.responses} == {200}
+            assert metric(merged, "mlora_merge_switches_total") >= 1
             assert merged.get("/ranks").json()["merge"] == {"mode": "auto", "rank": 2}
             for k in (0, 2, 8):  # rank 2 merged now: every rank still answers exactly as unmerged
                 assert merged.post("/generate", json={**body, "rank": k}).json()["text"] == want[k]
