@@ -140,8 +140,8 @@ def _dwell(state: ControllerState, cfg: ControllerConfig, up: bool) -> float:
     Down: ``dwell_s``, shortened in proportion to how far the smoothed queue is past
     ``down_queue`` (at most ``max_urgency``-fold): a deep queue walks down the ladder fast, a
     marginal one at the normal pace. Up: ``up_dwell_factor × dwell_s``, or only ``dwell_s`` while
-    at most half the engine's rows are busy (the load is well inside capacity, so a costlier rank
-    cannot push it over)."""
+    at most half the engine's rows are busy (running + waiting, smoothed): the load is then well
+    inside capacity, and waiting three dwells per rung would only keep accuracy down."""
     if not up:
         urgency = state.queue_avg / cfg.down_queue if cfg.policy == "threshold" and cfg.down_queue > 0 else 1.0
         return cfg.dwell_s / min(max(urgency, 1.0), max(cfg.max_urgency, 1.0))
