@@ -49,11 +49,11 @@ REASONS = ("hold", "dwell", "queue_high", "queue_low", "slo_violation", "capacit
 class ControllerConfig:
     policy: Literal["threshold", "slo", "off"] = "threshold"
     ladder: tuple[int, ...] = (0,)  # allowed ranks, ascending
-    dwell_s: float = 5.0  # min time between switches (down)
+    dwell_s: float = 3.0  # seconds a rank is held before a move (see _dwell)
     up_dwell_factor: float = 3.0  # up-moves wait this × dwell_s: quicker down than up
-    down_queue: float = 4.0  # threshold: smoothed queue depth that triggers a downshift
+    down_queue: float = 2.0  # threshold: smoothed queue depth that triggers a downshift
     up_queue: float = 0.5  # smoothed queue depth at or below which an upshift may happen
-    smooth_s: float = 5.0  # time constant of the queue-depth EWMA
+    smooth_s: float = 3.0  # time constant of the queue-depth EWMA
     slo_p95_s: float = 10.0  # slo: target p95 end-to-end latency
     headroom: float = 1.2  # slo: capacity must exceed demand by this factor
     min_gain: float | None = None  # if set: lower only if the lowest rung is measured this much faster

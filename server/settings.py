@@ -35,12 +35,12 @@ class ServerSettings(BaseSettings):
         "threshold", description="how 'auto' (and elastic) requests get their rank under load")
     min_rank: int | None = Field(None, ge=0, description="lowest rank the controller may choose (0: base model)")
     max_rank: int | None = Field(None, ge=0, description="highest rank the controller may choose")
-    dwell_s: float = Field(5.0, ge=0, description="seconds a rank is held before the controller moves "
+    dwell_s: float = Field(3.0, ge=0, description="seconds a rank is held before the controller moves "
                          "down (less when the queue is deep: down-queue / queue, to a quarter) or up (3×; 1× while "
                          "at most half the batch is busy)")
-    down_queue: float = Field(4.0, gt=0, description="threshold: smoothed queue depth that lowers the rank")
+    down_queue: float = Field(2.0, gt=0, description="threshold: smoothed queue depth that lowers the rank")
     up_queue: float = Field(0.5, ge=0, description="threshold: smoothed queue depth that allows raising it")
-    smooth_s: float = Field(5.0, ge=0, description="time constant of the controller's queue-depth average")
+    smooth_s: float = Field(3.0, ge=0, description="time constant of the controller's queue-depth average")
     slo_p95_ms: float = Field(10_000.0, gt=0, description="slo: p95 end-to-end latency target")
     min_gain: float | None = Field(None, ge=0, description="if set, lower the rank only if the calibrated "
                                    "throughput of the lowest rung beats the current rank's by more than this "

@@ -14,7 +14,8 @@ LADDER = (0, 1, 2, 4, 8, 16)
 
 
 def cfg(**kw) -> ControllerConfig:
-    return ControllerConfig.build(R, dwell_s=2.0, up_dwell_factor=3.0, down_queue=4, up_queue=0.5, **kw)
+    return ControllerConfig.build(R, **{"dwell_s": 2.0, "up_dwell_factor": 3.0, "down_queue": 4, "up_queue": 0.5,
+                                        "smooth_s": 5.0, **kw})
 
 
 def trace(queue: list[float], dt: float = 0.5, **kw) -> list[Observation]:
