@@ -144,8 +144,9 @@ def main() -> None:
     per_min = switches / (phases[3].seconds / 60)
     merged_ranks = {x.auto_rank for x in runs["merged"].seconds if x.auto_rank is not None}
     # stated bound: the smoothed queue must decay to the up level (≈ 3 time constants), then every
-    # rung waits at most 3 × dwell (1 × while half the batch is free): (rungs × 3 × dwell) + 3 × smooth_s
-    recover_limit = (len(tput) - 1) * 3 * args.dwell_s + 3 * args.smooth_s
+    # rung waits at most 3 × dwell (1 × while half the batch is free): (rungs × 3 × dwell) + 3 × smooth_s;
+    # and never later than the end of the quiet phase (after it, the steady load has begun)
+    recover_limit = min((len(tput) - 1) * 3 * args.dwell_s + 3 * args.smooth_s, phases[2].seconds)
     claims = [
         (f"1. overload p95: auto {p95['auto']:.1f} s ≤ SLO {slo:.1f} s < max rank {p95['max']:.1f} s",
          p95["auto"] <= slo < p95["max"]),

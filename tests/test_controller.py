@@ -159,9 +159,9 @@ def test_in_a_simulated_engine_the_controller_recovers_in_time_and_holds_a_stead
     engine through the demo's ramp (light, overload, light, steady noisy), five seeds."""
     from benchmarks.controller_sim import Model, claims
 
-    model = Model(cap0=1.68, cap_top=0.914, prefill=1.5, new_tokens=32, r=256)
+    model = Model(cap0=1.553, cap_top=0.951, prefill=1.5, new_tokens=32, r=256)
     cfg = ControllerConfig.build(model.ranks, dwell_s=3.0, down_queue=2.0, smooth_s=3.0, batch_size=model.batch)
-    runs = [claims(model, cfg, seed) for seed in range(5)]
-    assert all(r["c3"] for r in runs)  # back at the top rank within the stated bound
+    runs = [claims(model, cfg, seed, overload_at=1 / 3) for seed in range(5)]
+    assert all(r["c3"] for r in runs)  # back at the top rank within the stated bound (the quiet phase)
     assert sum(r["c4"] for r in runs) >= 4  # ≤ 2 switches a minute under the steady noisy load
     assert all(r["p95_auto"] < r["p95_max"] for r in runs)  # the overload hurts less than at fixed max rank

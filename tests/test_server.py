@@ -65,18 +65,26 @@ def wait_http_ok(url: str, timeout: float) -> None:
 class Busy:
     """``n`` senders that resubmit ``body(i)`` to ``url`` until the block exits, so that a load
     lasts until the reaction under test is seen, however fast this machine decodes (a fixed burst
-    can drain first). ``responses`` collects (status, json) of every finished request."""
+    can drain first). ``responses`` collects (status, body) of every request: the JSON, or the
+    text / the exception when there is none (status 0), so that no failure goes unseen."""
 
     def __init__(self, url: str, n: int, body):
         self.url, self.body, self.responses = url, body, []
         self._done = threading.Event()
-        self._threads = [threading.Thread(target=self._send, args=(i,)) for i in range(n)]
+        self._threads = [threading.Thread(target=self._send, args=(i,), daemon=True) for i in range(n)]
 
     def _send(self, i: int) -> None:
         with httpx.Client(base_url=self.url, timeout=300) as c:
             while not self._done.is_set():
-                r = c.post("/generate", json=self.body(i))
-                self.responses.append((r.status_code, r.json()))
+                try:
+                    r = c.post("/generate", json=self.body(i))
+                except httpx.HTTPError as e:
+                    self.responses.append((0, repr(e)))
+                    continue
+                try:
+                    self.responses.append((r.status_code, r.json()))
+                except ValueError:
+                    self.responses.append((r.status_code, r.text))
 
     def __enter__(self) -> Busy:
         for t in self._threads:
