@@ -245,7 +245,18 @@ def write_report(report: Report, out: Path) -> None:
     plot(report, out / "report.png")
 
 
-def plot(report: Report, path: Path) -> None:
+def load_report(path: Path) -> Report:
+    """A ``report.json`` written by :func:`write_report`, back as a :class:`Report`."""
+    doc = json.loads(Path(path).read_text())
+    return Report(url=doc["url"], schedule=[Phase(**p) for p in doc["schedule"]], rank=doc["rank"],
+                  max_new_tokens=doc["max_new_tokens"], requests=[RequestRecord(**r) for r in doc["requests"]],
+                  seconds=[SecondRecord(**x) for x in doc["seconds"]])
+
+
+def plot(report: Report, path: Path, window_s: float = 10.0) -> None:
+    """Four panels over time: load and queue, the auto rank, every request's latency (a dot at
+    its completion, coloured by its rank) with the p95 of the last ``window_s`` seconds of
+    completions, and the server's tokens/s. Dashed lines mark the phase boundaries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,22 +264,32 @@ def plot(report: Report, path: Path) -> None:
 
     s = report.seconds
     t = [x.t for x in s]
-    fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True, layout="constrained")
     axes[0].step(t, [x.offered for x in s], where="post", label="offered (req/s)")
     axes[0].step(t, [x.completed for x in s], where="post", label="completed (req/s)")
     axes[0].plot(t, [x.queue_depth or 0 for x in s], label="queue depth")
     axes[1].plot(t, [x.auto_rank if x.auto_rank is not None else float("nan") for x in s], color="C3")
     axes[1].set_ylabel("auto rank")
-    axes[2].plot(t, [x.p50_s if x.p50_s is not None else float("nan") for x in s], label="p50")
-    axes[2].plot(t, [x.p95_s if x.p95_s is not None else float("nan") for x in s], label="p95")
+    done = sorted((r.sent_s + r.latency_s, r.latency_s, r.rank) for r in report.requests
+                  if r.status == "ok" and r.latency_s is not None)
+    if done:
+        dots = axes[2].scatter([d[0] for d in done], [d[1] for d in done], s=9,
+                               c=[d[2] if d[2] is not None else 0 for d in done], cmap="viridis")
+        fig.colorbar(dots, ax=list(axes), label="rank (latency dots)", pad=0.01, fraction=0.03)
+        p95 = [_pct(sorted(x[1] for x in done if end - window_s < x[0] <= end), 0.95) for end, _, _ in done]
+        axes[2].plot([d[0] for d in done], p95, color="C1", label=f"p95 of the last {window_s:.0f} s")
+        axes[2].legend(loc="upper left")
     axes[2].set_ylabel("latency (s)")
     axes[3].plot(t, [x.tokens_per_s if x.tokens_per_s is not None else float("nan") for x in s], color="C2")
     axes[3].set_ylabel("tokens/s")
     axes[3].set_xlabel("time (s)")
-    for ax in (axes[0], axes[2]):
-        ax.legend(loc="upper left")
+    axes[0].legend(loc="upper left")
+    edge = 0.0
+    for ph in report.schedule[:-1]:
+        edge += ph.seconds
+        for ax in axes:
+            ax.axvline(edge, color="0.6", linestyle="--", linewidth=0.8)
     fig.suptitle(f"client bench: rank={report.rank}, {report.max_new_tokens} new tokens/request")
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
