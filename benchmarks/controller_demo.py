@@ -33,6 +33,7 @@ rests on ~10 requests and swung from 6.0 to 8.7 s between runs, and the 3× SLO 
 controller settings used here (``--dwell-s 3 --down-queue 2 --smooth-s 3``).
 
     python benchmarks/controller_demo.py --out docs/controller_demo   [--scale 1.0]
+    python benchmarks/controller_demo.py --out docs/controller_demo --replot   # compare.png only
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import serve  # noqa: E402
-from client.loadgen import DEMO_PROMPTS, Phase, print_summary, run, summarise, write_report  # noqa: E402
+from client.loadgen import (DEMO_PROMPTS, Phase, load_report, print_summary, rolling_p95, run,  # noqa: E402
+                            summarise, write_report)
 from trainer.checkpoint import save_adapter  # noqa: E402
 from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
 from trainer.models import load_model  # noqa: E402
@@ -83,6 +85,35 @@ async def capacity(url: str, rank: int, new_tokens: int, batch: int, rounds: int
         return batch * rounds / (time.perf_counter() - t0)
 
 
+def compare(runs: dict, slo: float, path: Path) -> None:
+    """One figure for the four servers: rolling p95 latency against the SLO, and auto's rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, rank) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, layout="constrained",
+                                    gridspec_kw={"height_ratios": [2, 1]})
+    for name, rep in runs.items():
+        lat.plot(*rolling_p95(rep), label=name)
+    lat.axhline(slo, color="k", linestyle=":", label=f"SLO {slo:.1f} s")
+    lat.set_ylabel("p95 latency, last 10 s (s)")
+    lat.legend(loc="upper right")
+    auto = runs["auto"].seconds
+    rank.plot([x.t for x in auto], [x.auto_rank if x.auto_rank is not None else float("nan") for x in auto],
+              color="C1")
+    rank.set_ylabel("auto's rank")
+    rank.set_xlabel("time (s)")
+    edge = 0.0
+    for ph in runs["auto"].schedule[:-1]:
+        edge += ph.seconds
+        for ax in (lat, rank):
+            ax.axvline(edge, color="0.6", linestyle="--", linewidth=0.8)
+    fig.suptitle("max (controller off) vs auto (threshold controller) vs rank 0 vs merged")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -97,8 +128,13 @@ def main() -> None:
     ap.add_argument("--dwell-s", type=float, default=3.0)
     ap.add_argument("--smooth-s", type=float, default=3.0)
     ap.add_argument("--out", default="docs/controller_demo")
+    ap.add_argument("--replot", action="store_true", help="only redraw compare.png from the reports in --out")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.replot:
+        runs = {name: load_report(out / name / "report.json") for name in ("max", "auto", "rank0", "merged")}
+        compare(runs, json.loads((out / "summary.json").read_text())["slo_s"], out / "compare.png")
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(args.model, args.r, Path(tmp) / "ckpt")
@@ -133,6 +169,7 @@ def main() -> None:
         write_report(rep, out / name)
         print(f"\n== {name} ==")
         print_summary(summaries[name])
+    compare(runs, slo, out / "compare.png")
     p95 = {n: summaries[n][1]["p95_s"] or float("inf") for n in runs}
     rate = {n: summaries[n][1]["completed_rps"] for n in runs}  # completions inside the overload window
     auto = runs["auto"]

@@ -253,6 +253,14 @@ def load_report(path: Path) -> Report:
                   seconds=[SecondRecord(**x) for x in doc["seconds"]])
 
 
+def rolling_p95(report: Report, window_s: float = 10.0) -> tuple[list[float], list[float]]:
+    """(completion times, p95 latency of the completions in the ``window_s`` seconds up to each)."""
+    done = sorted((r.sent_s + r.latency_s, r.latency_s) for r in report.requests
+                  if r.status == "ok" and r.latency_s is not None)
+    return [d[0] for d in done], [_pct(sorted(x[1] for x in done if end - window_s < x[0] <= end), 0.95)
+                                  for end, _ in done]
+
+
 def plot(report: Report, path: Path, window_s: float = 10.0) -> None:
     """Four panels over time: load and queue, the auto rank, every request's latency (a dot at
     its completion, coloured by its rank) with the p95 of the last ``window_s`` seconds of
@@ -273,11 +281,11 @@ def plot(report: Report, path: Path, window_s: float = 10.0) -> None:
     done = sorted((r.sent_s + r.latency_s, r.latency_s, r.rank) for r in report.requests
                   if r.status == "ok" and r.latency_s is not None)
     if done:
-        dots = axes[2].scatter([d[0] for d in done], [d[1] for d in done], s=9,
-                               c=[d[2] if d[2] is not None else 0 for d in done], cmap="viridis")
+        ranks = [d[2] if d[2] is not None else 0 for d in done]
+        dots = axes[2].scatter([d[0] for d in done], [d[1] for d in done], s=9, c=ranks, cmap="viridis",
+                               vmin=0, vmax=max(max(ranks), 1))
         fig.colorbar(dots, ax=list(axes), label="rank (latency dots)", pad=0.01, fraction=0.03)
-        p95 = [_pct(sorted(x[1] for x in done if end - window_s < x[0] <= end), 0.95) for end, _, _ in done]
-        axes[2].plot([d[0] for d in done], p95, color="C1", label=f"p95 of the last {window_s:.0f} s")
+        axes[2].plot(*rolling_p95(report, window_s), color="C1", label=f"p95 of the last {window_s:.0f} s")
         axes[2].legend(loc="upper left")
     axes[2].set_ylabel("latency (s)")
     axes[3].plot(t, [x.tokens_per_s if x.tokens_per_s is not None else float("nan") for x in s], color="C2")
