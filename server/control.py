@@ -170,9 +170,25 @@ class RankController:
                 "observed": None if obs is None else {k: v for k, v in obs.__dict__.items() if k != "t"}}
 
 
+def non_increasing(table: dict[int, float]) -> dict[int, float]:
+    """The closest table (least squares) whose throughput never rises with the rank.
+
+    Unmerged, rank k computes the first k adapter columns, so a higher rank cannot be cheaper; a
+    few calibration steps on a shared machine often say otherwise (rank 4 measured below rank 64).
+    Pool-adjacent-violators: runs of ranks that break the order share their mean."""
+    blocks: list[list] = []  # [mean, count, ranks]
+    for k in sorted(table):
+        blocks.append([table[k], 1, [k]])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            (m2, n2, k2), (m1, n1, k1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2, k1 + k2])
+    return {k: round(m, 2) for m, _, ks in blocks for k in ks}
+
+
 def calibrate(runner, prompt_ids: list[int], ranks: list[int], batch: int, steps: int,
               cache: Path | None = None, key: dict | None = None, same_cost: bool = False) -> dict[int, float]:
-    """Decode tokens/s at each rank with ``batch`` rows (after one warm-up step), cached by ``key``.
+    """Decode tokens/s at each rank with ``batch`` rows (after one warm-up step), cached by ``key``,
+    made non-increasing in the rank (:func:`non_increasing`; the raw measurement is logged).
 
     ``same_cost`` (``--merge-rank auto``): a batch at rank k runs with rank k merged, i.e. exactly
     the base model's operations whatever k is; one measurement (at the merged rank) stands for
@@ -197,6 +213,9 @@ def calibrate(runner, prompt_ids: list[int], ranks: list[int], batch: int, steps
     runner.reset()
     if same_cost:
         table = dict.fromkeys(ranks, table[runner.adapter.merged_rank])
+    else:
+        log.info("calibration, measured decode tokens/s per rank: %s", table)
+        table = non_increasing(table)
     if path is not None:
         from trainer.checkpoint import atomic_write_json
 

@@ -165,3 +165,15 @@ def test_in_a_simulated_engine_the_controller_recovers_in_time_and_holds_a_stead
     assert all(r["c3"] for r in runs)  # back at the top rank within the stated bound (the quiet phase)
     assert sum(r["c4"] for r in runs) >= 4  # ≤ 2 switches a minute under the steady noisy load
     assert all(r["p95_auto"] < r["p95_max"] for r in runs)  # the overload hurts less than at fixed max rank
+
+
+def test_the_calibrated_table_never_rises_with_the_rank_and_stays_closest_to_the_measurement():
+    from server.control import non_increasing
+
+    measured = {0: 63.3, 1: 60.3, 2: 59.7, 4: 55.2, 8: 58.8, 16: 62.7, 32: 62.9, 64: 58.0}  # a real, noisy one
+    table = non_increasing(measured)
+    assert list(table) == list(measured)
+    assert all(a >= b for a, b in pairwise(table.values()))
+    assert table[0] == 63.3 and table[64] == 58.0  # ends that obey the order are kept
+    assert table[4] == table[32] == round((55.2 + 58.8 + 62.7 + 62.9 + 59.7) / 5, 2)  # a pooled run
+    assert non_increasing({0: 10.0, 8: 9.0, 64: 5.0}) == {0: 10.0, 8: 9.0, 64: 5.0}  # already ordered
