@@ -15,11 +15,12 @@ Policies:
 * ``off`` — always the largest allowed rank.
 
 Dwell (both policies; see :func:`_dwell`): a move waits until the rank has been held long enough.
-Down: ``dwell_s`` (``slo``: always); under ``threshold`` divided by how many times deeper than
-``down_queue`` the smoothed queue is (at most ``max_urgency``), so an overload walks down the
-ladder fast and a marginal queue slowly. Up: ``up_dwell_factor × dwell_s`` (quicker down than
-up), except while at most half the engine's rows are busy (``batch_size``), when the load is far
-inside capacity and ``dwell_s`` suffices: the way back to the top rank after a burst is short.
+Down: ``dwell_s`` divided by how many times deeper than ``down_queue`` the smoothed queue is
+(``slo``: how many times the p95 exceeds its target), at most ``max_urgency``, so an overload
+walks down the ladder fast and a marginal one slowly. Up: ``up_dwell_factor × dwell_s`` (quicker
+down than up), except while at most half the engine's rows are busy (``batch_size``), when the
+load is far inside capacity and ``dwell_s`` suffices: the way back to the top rank after a burst
+is short.
 ``benchmarks/controller_sim.py`` compared these rules with fixed dwells over 40 seeded load
 ramps: at the demo's setting the four claims of ``controller_demo.py`` passed in 80 / 90 / 100 /
 95% of the seeds, against 75 / 82 / 20 / 38% with fixed dwells.
@@ -129,23 +130,27 @@ def decide(obs: Observation, state: ControllerState, cfg: ControllerConfig,
         return Decision(state, why)
     if want < rung and not _gains(throughput or {}, cfg, state.rank):
         return Decision(state, "no_gain")
-    if held < _dwell(state, cfg, up=want > rung):
+    if held < _dwell(state, obs, cfg, up=want > rung):
         return Decision(state, "dwell")
     return _move(state, cfg.ladder[want], obs.t, why)
 
 
-def _dwell(state: ControllerState, cfg: ControllerConfig, up: bool) -> float:
+def _dwell(state: ControllerState, obs: Observation, cfg: ControllerConfig, up: bool) -> float:
     """How long the rank must have been held before this move.
 
-    Down: ``dwell_s`` divided by ``queue_avg / down_queue`` (threshold policy only; clamped to
-    [1, ``max_urgency``]): a deep queue walks down the ladder fast, a marginal one at the normal
-    pace. Up: ``up_dwell_factor × dwell_s``, or only ``dwell_s`` while at most half the engine's
+    Down: ``dwell_s`` divided by the urgency, clamped to [1, ``max_urgency``]: ``queue_avg /
+    down_queue`` under ``threshold``, ``p95 / slo_p95_s`` under ``slo`` (a deep queue, or a p95
+    far over the target, walks down the ladder fast; a marginal one at the normal pace). Up: ``up_dwell_factor × dwell_s``, or only ``dwell_s`` while at most half the engine's
     rows are busy (running + waiting, smoothed): the load is then well inside capacity, and the
     longer wait would only keep accuracy down. With ``--prometheus-url`` the waiting count is the
     cluster's queue, so the quick climb needs the whole cluster to be light (conservative)."""
     if not up:
-        deep = cfg.policy == "threshold" and cfg.down_queue > 0
-        urgency = state.queue_avg / cfg.down_queue if deep else 1.0
+        if cfg.policy == "threshold" and cfg.down_queue > 0:
+            urgency = state.queue_avg / cfg.down_queue
+        elif cfg.policy == "slo" and obs.p95_e2e_s is not None and cfg.slo_p95_s > 0:
+            urgency = obs.p95_e2e_s / cfg.slo_p95_s
+        else:
+            urgency = 1.0
         return cfg.dwell_s / min(max(urgency, 1.0), max(cfg.max_urgency, 1.0))
     if cfg.batch_size > 0 and state.busy_avg <= cfg.batch_size / 2:
         return cfg.dwell_s

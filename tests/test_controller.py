@@ -177,3 +177,13 @@ def test_the_calibrated_table_never_rises_with_the_rank_and_stays_closest_to_the
     assert table[0] == 63.3 and table[64] == 58.0  # ends that obey the order are kept
     assert table[4] == table[32] == round((55.2 + 58.8 + 62.7 + 62.9 + 59.7) / 5, 2)  # a pooled run
     assert non_increasing({0: 10.0, 8: 9.0, 64: 5.0}) == {0: 10.0, 8: 9.0, 64: 5.0}  # already ordered
+
+
+def test_slo_policy_walks_down_faster_the_further_p95_is_over_the_target():
+    def time_to_bottom(p95: float) -> float:
+        c = cfg(policy="slo", slo_p95_s=5.0)
+        t = Trace(c, {k: 1000.0 for k in LADDER})  # capacity is ample: only the p95 pushes down
+        t.run([Observation(t=i * 0.5, p95_e2e_s=p95) for i in range(200)])
+        return next(d.state.since for d in t.decisions if d.rank == 0)
+
+    assert time_to_bottom(20.0) < time_to_bottom(6.0) / 2  # 4× over the target vs 1.2×
