@@ -140,9 +140,11 @@ def _dwell(state: ControllerState, obs: Observation, cfg: ControllerConfig, up: 
 
     Down: ``dwell_s`` divided by the urgency, clamped to [1, ``max_urgency``]: ``queue_avg /
     down_queue`` under ``threshold``, ``p95 / slo_p95_s`` under ``slo`` (a deep queue, or a p95
-    far over the target, walks down the ladder fast; a marginal one at the normal pace). Up: ``up_dwell_factor × dwell_s``, or only ``dwell_s`` while at most half the engine's
-    rows are busy (running + waiting, smoothed): the load is then well inside capacity, and the
-    longer wait would only keep accuracy down. With ``--prometheus-url`` the waiting count is the
+    far over the target, walks down the ladder fast; a marginal one at the normal pace).
+
+    Up: ``up_dwell_factor × dwell_s``, or only ``dwell_s`` while at most half the engine's rows
+    are busy (running + waiting, smoothed): the load is then well inside capacity, and the longer
+    wait would only keep accuracy down. With ``--prometheus-url`` the waiting count is the
     cluster's queue, so the quick climb needs the whole cluster to be light (conservative)."""
     if not up:
         if cfg.policy == "threshold" and cfg.down_queue > 0:
