@@ -10,8 +10,8 @@
 Engine mode of the first three: unmerged adapter, so ranks differ in cost. The adapter is r=256 by
 default: on this CPU an r=64 adapter costs only ~16% of a decode step, and once prefill and HTTP
 are counted rank 0 and rank 64 served almost the same open-loop load (1.30 vs 1.22 requests/s in
-the run of 2026-11-29), too little for a controller to show; r=256 costs ~60% of a step. The ramp
-is sized from a closed-loop capacity probe of the max rank and rank 0 (requests/s, prefill and
+the run of 2026-11-29), too little for a controller to show; r=256 decodes at 0.65× rank 0's
+tokens/s (decode_ranks_r256.txt). The ramp is sized from a closed-loop capacity probe of the max rank and rank 0 (requests/s, prefill and
 HTTP included): a light phase (0.3× the max rank's capacity), an overload phase a third of the
 way from the max rank's capacity to rank 0's (open-loop serving reaches less than the probe, so
 the midpoint would overload rank 0 too), a light phase (recovery), and a steady, noisy phase at
@@ -44,6 +44,7 @@ import json
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -53,8 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import serve  # noqa: E402
-from client.loadgen import (DEMO_PROMPTS, Phase, load_report, print_summary, rolling_p95, run,  # noqa: E402
+from benchmarks.controller_sim import declared_slo, ramp, recovery_bound  # noqa: E402
+from client.loadgen import (DEMO_PROMPTS, load_report, print_summary, rolling_p95, run,  # noqa: E402
                             summarise, write_report)
+from server.controller import ControllerConfig  # noqa: E402
 from trainer.checkpoint import save_adapter  # noqa: E402
 from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
 from trainer.models import load_model  # noqa: E402
@@ -147,12 +150,9 @@ def main() -> None:
             # requests/s each end sustains, prefill and HTTP included: a saturating closed-loop probe
             cap = {k: asyncio.run(capacity(url, k, args.new_tokens, args.batch)) for k in (top, 0)}
             print(f"measured capacity (requests/s): {cap}", file=sys.stderr)
-            slo = args.slo_s or 2 * args.batch / cap[top]
+            slo = args.slo_s or declared_slo(args.batch, cap[top])
             print(f"declared SLO: overload p95 ≤ {slo:.1f} s", file=sys.stderr)
-            light, steady = 0.3 * cap[top], 0.6 * cap[top]
-            overload = cap[top] + args.overload_at * (cap[0] - cap[top])
-            s = args.scale
-            phases = [Phase(light, 30 * s), Phase(overload, 90 * s), Phase(light, 60 * s), Phase(steady, 60 * s)]
+            phases = ramp(cap[top], cap[0], args.overload_at, args.scale)
             print(f"calibrated decode tokens/s per rank: {tput}", file=sys.stderr)
             print(f"phases (req/s, s): {[(round(p.rate, 3), p.seconds) for p in phases]}", file=sys.stderr)
             runs["max"] = asyncio.run(run(url, phases, DEMO_PROMPTS, "auto", args.new_tokens, None, 0))
@@ -177,13 +177,11 @@ def main() -> None:
     back = next((x.t for x in auto.seconds if x.t >= fall and x.auto_rank == top), None)
     steady_start = fall + phases[2].seconds
     ranks_steady = [x.auto_rank for x in auto.seconds if x.t >= steady_start and x.auto_rank is not None]
-    switches = sum(1 for a, b in zip(ranks_steady, ranks_steady[1:]) if a != b)
+    switches = sum(1 for a, b in pairwise(ranks_steady) if a != b)
     per_min = switches / (phases[3].seconds / 60)
     merged_ranks = {x.auto_rank for x in runs["merged"].seconds if x.auto_rank is not None}
-    # stated bound: the smoothed queue must decay to the up level (≈ 3 time constants), then every
-    # rung waits at most 3 × dwell (1 × while half the batch is free): (rungs × 3 × dwell) + 3 × smooth_s;
-    # and never later than the end of the quiet phase (after it, the steady load has begun)
-    recover_limit = min((len(tput) - 1) * 3 * args.dwell_s + 3 * args.smooth_s, phases[2].seconds)
+    auto_cfg = ControllerConfig.build(sorted(k for k in tput if k), dwell_s=args.dwell_s, smooth_s=args.smooth_s)
+    recover_limit = recovery_bound(auto_cfg, phases[2].seconds)
     claims = [
         (f"1. overload p95: auto {p95['auto']:.1f} s ≤ SLO {slo:.1f} s < max rank {p95['max']:.1f} s",
          p95["auto"] <= slo < p95["max"]),

@@ -31,12 +31,37 @@ import random
 import statistics
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from client.loadgen import Phase, percentile  # noqa: E402
 from server.controller import ControllerConfig, Observation, decide, initial_state  # noqa: E402
+from trainer.nested import default_ranks  # noqa: E402
+
+
+# -- the demo's ramp, SLO and recovery bound (controller_demo.py uses these too) ----------------------
+def ramp(cap_top: float, cap0: float, overload_at: float = 1 / 3, scale: float = 1.0) -> list[Phase]:
+    """Light (0.3× the top rank's capacity), overload (``overload_at`` of the way from the top
+    rank's capacity to rank 0's), light again (the quiet phase), steady noisy (0.6×)."""
+    light, steady = 0.3 * cap_top, 0.6 * cap_top
+    over = cap_top + overload_at * (cap0 - cap_top)
+    return [Phase(light, 30 * scale), Phase(over, 90 * scale), Phase(light, 60 * scale), Phase(steady, 60 * scale)]
+
+
+def declared_slo(batch: int, cap_top: float, factor: float = 2.0) -> float:
+    """``factor`` × a request's latency in a full batch at the top rank (batch / capacity)."""
+    return factor * batch / cap_top
+
+
+def recovery_bound(cfg: ControllerConfig, quiet_s: float) -> float:
+    """Seconds after the load falls by which the top rank must be back: the smoothed queue decays
+    to the up level (≈ 3 time constants), then each rung waits at most ``up_dwell_factor × dwell``;
+    and no later than the end of the quiet phase (after it, the steady load has begun)."""
+    slow = (len(cfg.ladder) - 1) * cfg.up_dwell_factor * cfg.dwell_s + 3 * cfg.smooth_s
+    return min(slow, quiet_s)
 
 
 @dataclass
@@ -51,9 +76,9 @@ class Model:
 
     @property
     def ranks(self) -> list[int]:
-        return [2 ** i for i in range(self.r.bit_length()) if 2 ** i <= self.r]
+        return default_ranks(self.r)
 
-    @property
+    @cached_property
     def tau(self) -> tuple[float, float]:
         """(rank-0, top-rank) decode step time at a full batch, from the closed-loop capacities:
         a round of ``batch`` requests is one prefill plus ``new_tokens`` decode steps."""
@@ -82,18 +107,17 @@ class Run:
     ranks: list[tuple[float, int]] = field(default_factory=list)  # (t, auto rank) every 0.5 s
 
 
-def simulate(model: Model, cfg: ControllerConfig, phases: list[tuple[float, float]], seed: int,
-             policy_on: bool = True) -> Run:
+def simulate(model: Model, cfg: ControllerConfig, phases: list[Phase], seed: int, policy_on: bool = True) -> Run:
     rng = random.Random(seed)
     arrivals, t0 = [], 0.0
-    for i, (rate, secs) in enumerate(phases):
+    for i, ph in enumerate(phases):
         t = t0
         while True:
-            t += rng.expovariate(rate)
-            if t >= t0 + secs:
+            t += rng.expovariate(ph.rate)
+            if t >= t0 + ph.seconds:
                 break
             arrivals.append(Req(t, i))
-        t0 += secs
+        t0 += ph.seconds
     end = t0
     run = Run(requests=arrivals)
     state, queue, rows, now, tick = initial_state(cfg, 0.0), [], [], 0.0, 0.0
@@ -127,44 +151,36 @@ def simulate(model: Model, cfg: ControllerConfig, phases: list[tuple[float, floa
     return run
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("inf")
-
-
 def claims(model: Model, cfg: ControllerConfig, seed: int, slo_factor: float = 2.0, overload_at: float = 1 / 3) -> dict:
     """The demo's phases and claims 1–4 for one seed (same definitions as controller_demo.py)."""
-    light, steady = 0.3 * model.cap_top, 0.6 * model.cap_top
-    over = model.cap_top + overload_at * (model.cap0 - model.cap_top)
-    phases = [(light, 30.0), (over, 90.0), (light, 60.0), (steady, 60.0)]
+    phases = ramp(model.cap_top, model.cap0, overload_at)
     top = cfg.ladder[-1]
     runs = {"max": simulate(model, cfg, phases, seed, policy_on=False),
             "auto": simulate(model, cfg, phases, seed),
             "rank0": simulate(model, ControllerConfig(ladder=(0,)), phases[:2], seed, policy_on=False)}
+    start, fall = phases[0].seconds, phases[0].seconds + phases[1].seconds
+    steady_start = fall + phases[2].seconds
 
-    def p95(run: Run, phase: int) -> float:
-        return pct([r.done - r.sent for r in run.requests if r.phase == phase], 0.95)
+    def overload_p95(run: Run) -> float:
+        return percentile(sorted(r.done - r.sent for r in run.requests if r.phase == 1), 0.95) or float("inf")
 
-    def done_rate(run: Run) -> float:
-        return sum(1 for r in run.requests if 30 <= r.done < 120) / 90
+    def overload_done_rate(run: Run) -> float:  # completions inside the overload window
+        return sum(1 for r in run.requests if start <= r.done < fall) / phases[1].seconds
 
-    slo = slo_factor * model.batch / model.cap_top  # × a request's latency at a full max-rank batch
-    fall, steady_start = 120.0, 180.0
+    p95 = {name: overload_p95(run) for name, run in runs.items()}
+    done = {name: overload_done_rate(run) for name, run in runs.items()}
+    slo = declared_slo(model.batch, model.cap_top, slo_factor)
     back = next((t for t, k in runs["auto"].ranks if t >= fall and k == top), None)
+    back_s = back - fall if back is not None else float("inf")
     steady_ranks = [k for t, k in runs["auto"].ranks if t >= steady_start]
     switches = sum(1 for a, b in pairwise(steady_ranks) if a != b)
-    # as controller_demo.py: the configuration's slow-climb bound, and inside the quiet phase
-    recover_limit = min((len(cfg.ladder) - 1) * cfg.up_dwell_factor * cfg.dwell_s + 3 * cfg.smooth_s, phases[2][1])
-    return {"p95_auto": p95(runs["auto"], 1), "p95_max": p95(runs["max"], 1), "slo": slo,
-            "done_max": done_rate(runs["max"]), "done_rank0": done_rate(runs["rank0"]),
-            "p95_rank0": p95(runs["rank0"], 1),
-            "rate_ratio": done_rate(runs["auto"]) / done_rate(runs["rank0"]),
-            "back_s": (back - fall) if back is not None else float("inf"), "recover_limit": recover_limit,
-            "switches_per_min": switches,
-            "c1": p95(runs["auto"], 1) <= slo < p95(runs["max"], 1),
-            "c2": done_rate(runs["auto"]) >= 0.95 * done_rate(runs["rank0"]),
-            "c3": back is not None and back - fall <= recover_limit,
-            "c4": switches <= 2}
+    per_min = switches / (phases[3].seconds / 60)
+    limit = recovery_bound(cfg, phases[2].seconds)
+    return {"p95_auto": p95["auto"], "p95_max": p95["max"], "p95_rank0": p95["rank0"], "slo": slo,
+            "done_max": done["max"], "done_rank0": done["rank0"], "rate_ratio": done["auto"] / done["rank0"],
+            "back_s": back_s, "recover_limit": limit, "switches_per_min": per_min,
+            "c1": p95["auto"] <= slo < p95["max"], "c2": done["auto"] >= 0.95 * done["rank0"],
+            "c3": back_s <= limit, "c4": per_min <= 2}
 
 
 CLAIMS = ("c1", "c2", "c3", "c4")

@@ -192,7 +192,7 @@ async def run(url: str, phases: list[Phase], prompts: list[str], rank: str, max_
                     queue_depth=m.get("mlora_queue_depth"), running=m.get("mlora_running_requests"),
                     auto_rank=m.get("mlora_current_auto_rank"),
                     tokens_per_s=None if tokens is None or prev_tokens is None else tokens - prev_tokens,
-                    p50_s=_pct(lat, 0.5), p95_s=_pct(lat, 0.95)))
+                    p50_s=percentile(lat, 0.5), p95_s=percentile(lat, 0.95)))
                 prev_tokens = tokens
                 if progress:
                     s = report.seconds[-1]
@@ -210,7 +210,8 @@ async def run(url: str, phases: list[Phase], prompts: list[str], rank: str, max_
     return report
 
 
-def _pct(sorted_values: list[float], q: float) -> float | None:
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The q-quantile of already sorted values (nearest rank); None when there are none."""
     if not sorted_values:
         return None
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
@@ -226,7 +227,7 @@ def summarise(report: Report) -> list[dict]:
         done_in = [r for r in report.requests if r.status == "ok" and start <= r.sent_s + r.latency_s < start + ph.seconds]
         rows.append({"phase": i, "offered_rps": ph.rate, "seconds": ph.seconds, "sent": len(reqs),
                      "ok": len(ok), "completed_rps": round(len(done_in) / ph.seconds, 3),
-                     "p50_s": _pct(ok, 0.5), "p95_s": _pct(ok, 0.95),
+                     "p50_s": percentile(ok, 0.5), "p95_s": percentile(ok, 0.95),
                      "mean_rank": round(statistics.mean(ranks), 2) if ranks else None,
                      "overloaded": sum(r.status == "overloaded" for r in reqs),
                      "failed": sum(r.status in ("error", "timeout") for r in reqs)})
@@ -253,12 +254,17 @@ def load_report(path: Path) -> Report:
                   seconds=[SecondRecord(**x) for x in doc["seconds"]])
 
 
+def _completions(report: Report) -> list[tuple[float, float, int | None]]:
+    """(completion time, latency, rank) of every successful request, in completion order."""
+    return sorted((r.sent_s + r.latency_s, r.latency_s, r.rank) for r in report.requests
+                  if r.status == "ok" and r.latency_s is not None)
+
+
 def rolling_p95(report: Report, window_s: float = 10.0) -> tuple[list[float], list[float]]:
     """(completion times, p95 latency of the completions in the ``window_s`` seconds up to each)."""
-    done = sorted((r.sent_s + r.latency_s, r.latency_s) for r in report.requests
-                  if r.status == "ok" and r.latency_s is not None)
-    return [d[0] for d in done], [_pct(sorted(x[1] for x in done if end - window_s < x[0] <= end), 0.95)
-                                  for end, _ in done]
+    done = _completions(report)
+    return [d[0] for d in done], [percentile(sorted(x[1] for x in done if end - window_s < x[0] <= end), 0.95)
+                                  for end, _, _ in done]
 
 
 def plot(report: Report, path: Path, window_s: float = 10.0) -> None:
@@ -278,8 +284,7 @@ def plot(report: Report, path: Path, window_s: float = 10.0) -> None:
     axes[0].plot(t, [x.queue_depth or 0 for x in s], label="queue depth")
     axes[1].plot(t, [x.auto_rank if x.auto_rank is not None else float("nan") for x in s], color="C3")
     axes[1].set_ylabel("auto rank")
-    done = sorted((r.sent_s + r.latency_s, r.latency_s, r.rank) for r in report.requests
-                  if r.status == "ok" and r.latency_s is not None)
+    done = _completions(report)
     if done:
         ranks = [d[2] if d[2] is not None else 0 for d in done]
         dots = axes[2].scatter([d[0] for d in done], [d[1] for d in done], s=9, c=ranks, cmap="viridis",

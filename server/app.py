@@ -88,7 +88,7 @@ def load_state(settings: ServerSettings) -> AppState:
     if adapter is not None and settings.calibrate_steps > 0:
         key = {"model": settings.model, "adapter": meta.get("adapter_sha256"), "device": str(device),
                "dtype": str(model.dtype), "batch": settings.max_batch_size, "steps": settings.calibrate_steps,
-               "merge_rank": settings.merge_rank, "table": "non-increasing"}  # older caches hold raw tables
+               "merge_rank": settings.merge_rank}
         prompt = tok("Question: how many apples are left?\nAnswer: ")["input_ids"]
         throughput = calibrate(runner, prompt, [0, *ranks], settings.max_batch_size, settings.calibrate_steps,
                                cache_dir(), key, same_cost=auto_merge is not None)

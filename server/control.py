@@ -170,6 +170,9 @@ class RankController:
                 "observed": None if obs is None else {k: v for k, v in obs.__dict__.items() if k != "t"}}
 
 
+CALIBRATION_FORMAT = 2  # 2: tables made non-increasing (format 1 caches held the raw measurement)
+
+
 def non_increasing(table: dict[int, float]) -> dict[int, float]:
     """The closest table (least squares) whose throughput never rises with the rank.
 
@@ -195,7 +198,8 @@ def calibrate(runner, prompt_ids: list[int], ranks: list[int], batch: int, steps
     every rank, rather than several that would differ only by noise."""
     path = None
     if cache is not None and key is not None:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        versioned = {**key, "format": CALIBRATION_FORMAT}
+        digest = hashlib.sha256(json.dumps(versioned, sort_keys=True).encode()).hexdigest()[:16]
         path = cache / f"calibration-{digest}.json"
         if path.is_file():
             return {int(k): v for k, v in json.loads(path.read_text()).items()}

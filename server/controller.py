@@ -20,10 +20,8 @@ Down: ``dwell_s`` divided by how many times deeper than ``down_queue`` the smoot
 walks down the ladder fast and a marginal one slowly. Up: ``up_dwell_factor × dwell_s`` (quicker
 down than up), except while at most half the engine's rows are busy (``batch_size``), when the
 load is far inside capacity and ``dwell_s`` suffices: the way back to the top rank after a burst
-is short.
-``benchmarks/controller_sim.py`` compared these rules with fixed dwells over 40 seeded load
-ramps: at the demo's setting the four claims of ``controller_demo.py`` passed in 80 / 90 / 100 /
-95% of the seeds, against 75 / 82 / 20 / 38% with fixed dwells.
+is short. ``benchmarks/controller_sim.py`` measures these rules against fixed dwells
+(docs/controller.md has the figures).
 
 Either policy lowers the rank only when that buys something (otherwise: reason ``no_gain``).
 With ``equal_costs`` (the server sets it under ``--merge-rank auto``, where a batch at any rank

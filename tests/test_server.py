@@ -325,6 +325,8 @@ def test_controller_lowers_the_rank_under_a_burst_and_raises_it_again(tiny_model
         with httpx.Client(base_url=srv.url, timeout=120) as http:
             info = http.get("/ranks").json()
             assert set(info["throughput"]) == {"0", "1", "2", "4", "8"} and info["controller"]["rank"] == 8
+            tput = [info["throughput"][k] for k in ("0", "1", "2", "4", "8")]
+            assert all(a >= b for a, b in zip(tput, tput[1:]))  # a higher rank is never cheaper
 
             def body(i):  # half the senders ask for auto, half for "at most 8" (elastic)
                 return {"prompt": "Ada", "max_new_tokens": 60, "ignore_eos": True,
