@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import serve  # noqa: E402
-from benchmarks.controller_sim import declared_slo, ramp, recovery_bound  # noqa: E402
+from server.simulator import declared_slo, ramp, recovery_bound  # noqa: E402
 from client.loadgen import (DEMO_PROMPTS, load_report, print_summary, rolling_p95, run,  # noqa: E402
                             summarise, write_report)
 from server.controller import ControllerConfig  # noqa: E402

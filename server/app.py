@@ -46,6 +46,13 @@ class AppState:
     ready: bool = False
     draining: bool = False
 
+    def inference_info(self) -> dict:
+        """The rule and the coefficients c_k each rank is served with (none without an adapter)."""
+        adapter = self.engine.runner.adapter
+        if adapter is None:
+            return {}
+        return {"rule": adapter.config.inference_rule, "coeffs": {str(k): c for k, c in adapter.config.coeffs.items()}}
+
     def merge_info(self) -> dict:
         adapter = self.engine.runner.adapter
         mode = "off" if self.settings.merge_rank is None else "auto" if self.settings.merge_rank == "auto" else "fixed"
@@ -63,7 +70,7 @@ def load_state(settings: ServerSettings) -> AppState:
     model, tok = load_model(settings.model, device, resolve_dtype(settings.dtype, device))
     adapter, meta = (None, {})
     if settings.adapter:
-        adapter, meta = load_adapter(settings.adapter, model)
+        adapter, meta = load_adapter(settings.adapter, model, settings.inference_rule)
         if model.dtype != torch.float32:  # serve the adapter in the base dtype (no autocast here)
             for layer in adapter.layers.values():
                 layer.to(model.dtype)
@@ -215,6 +222,7 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         s = app_state(request)
         return RankInfo(ranks=[0, *s.serving.ranks], r=s.meta.get("r", 0), scaling=s.meta.get("scaling", "none"),
                         method=s.meta.get("method", "none"), default_rank=settings.default_rank,
+                        inference=s.inference_info(),
                         eval=s.meta.get("eval") or {}, throughput={str(k): v for k, v in s.throughput.items()},
                         controller=s.controller.describe(), merge=s.merge_info())
 

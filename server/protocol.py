@@ -92,6 +92,8 @@ class RankInfo(BaseModel):
     scaling: str
     method: str
     default_rank: RankField
+    inference: dict = Field(default_factory=dict, description="rule and coefficients c_k: rank k serves "
+                            "W x + B[:, :k] (c_k ⊙ A[:k] x)")
     eval: dict = Field(default_factory=dict)
     throughput: dict[str, float] = Field(default_factory=dict, description="measured decode tokens/s per rank")
     controller: dict = Field(default_factory=dict)

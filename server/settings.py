@@ -17,6 +17,9 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    inference_rule: Literal["auto", "trained", "paper", "partial"] | None = Field(
+        None, description="serve every rank under this rule instead of the checkpoint's own (trained: "
+        "c_k = p[:k]; paper: s(k)·1ₖ; partial: Σ_{j≤k} s(j)·1ⱼ; auto: the method's default)")
     served_name: str = Field("mlora", description="model name in the OpenAI API; NAME@k selects rank k")
     max_batch_size: int = Field(16, ge=1, description="rows decoded together")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")

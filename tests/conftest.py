@@ -60,10 +60,11 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("MLORA_CACHE", str(tmp_path_factory.mktemp("mlora-cache")))
 
 
-def trained_adapter(model_dir, r=8, scaling="sqrt", method="matryoshka", seed=1):
+def trained_adapter(model_dir, r=8, scaling="sqrt", method="matryoshka", seed=1, inference_rule="auto"):
     model, tok = load_tiny(model_dir)
     torch.manual_seed(seed)
-    adapter = NestedAdapter.inject(model, AdapterConfig(method=method, r=r, scaling=scaling))
+    adapter = NestedAdapter.inject(model, AdapterConfig(method=method, r=r, scaling=scaling,
+                                                        inference_rule=inference_rule))
     with torch.no_grad():
         for layer in adapter.layers.values():
             layer.lora_Bt.normal_(std=0.05)  # as if trained: B = 0 would hide every bug

@@ -52,10 +52,12 @@ def test_matryoshka_json_has_the_documented_fields(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("scaling", ["none", "rank", "sqrt"])
-def test_peft_loads_the_folder_with_our_full_rank_outputs(tiny_model_dir, tmp_path, ids, scaling):
+@pytest.mark.parametrize("method, rule", [("lora", "auto"), ("dylora", "auto"), ("matryoshka", "paper")])
+def test_peft_loads_the_folder_with_our_full_rank_outputs(tiny_model_dir, tmp_path, ids, scaling, method, rule):
+    """Where c_r is uniform (s(r)·1), PEFT's one scaling reproduces our rank r from the raw folder."""
     from peft import PeftModel
 
-    model, _, adapter = trained_adapter(tiny_model_dir, scaling=scaling)
+    model, _, adapter = trained_adapter(tiny_model_dir, scaling=scaling, method=method, inference_rule=rule)
     save_adapter(tmp_path, adapter, str(tiny_model_dir))
     adapter.set_rank(8)
     ours = logits(model, ids)
@@ -64,6 +66,69 @@ def test_peft_loads_the_folder_with_our_full_rank_outputs(tiny_model_dir, tmp_pa
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx({"none": 1, "rank": 1 / 8, "sqrt": 1 / math.sqrt(8)}[scaling])
     torch.testing.assert_close(logits(peft_model, ids), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["trained", "partial"])
+def test_a_folder_peft_cannot_reproduce_has_no_peft_config(tiny_model_dir, tmp_path, rule):
+    """Matryoshka served with p[:r] is not any single PEFT scaling: PEFT must fail loudly rather
+    than serve another function; `trainer export` is the way there (it folds c into A)."""
+    _, _, adapter = trained_adapter(tiny_model_dir, inference_rule=rule)
+    (tmp_path / ADAPTER_CONFIG).write_text("{}")  # a stale one from an earlier save is removed too
+    save_adapter(tmp_path, adapter, str(tiny_model_dir))
+    assert not (tmp_path / ADAPTER_CONFIG).exists()
+    load_adapter(tmp_path, load_tiny(tiny_model_dir)[0])  # still a servable nested checkpoint
+
+
+@pytest.mark.parametrize("rule", ["trained", "paper", "partial"])
+def test_inference_coefficients_round_trip_through_save_and_load(tiny_model_dir, tmp_path, ids, rule):
+    model, _, adapter = trained_adapter(tiny_model_dir, inference_rule=rule)
+    save_adapter(tmp_path, adapter, str(tiny_model_dir))
+    meta = read_meta(tmp_path)
+    assert meta["format_version"] == 2 and meta["inference"]["rule"] == rule
+    assert {int(k): v for k, v in meta["inference"]["coeffs"].items()} == adapter.config.coeffs
+    loaded, _ = load_adapter(tmp_path, load_tiny(tiny_model_dir)[0])
+    assert (loaded.config.inference_rule, loaded.config.coeffs) == (rule, adapter.config.coeffs)
+    for k in [1, 4, 8]:
+        adapter.set_rank(k)
+        loaded.set_rank(k)
+        torch.testing.assert_close(logits(loaded.model, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_the_inference_rule_can_be_overridden_at_load(tiny_model_dir, tmp_path, ids):
+    model, _, adapter = trained_adapter(tiny_model_dir)  # matryoshka: trained by default
+    save_adapter(tmp_path, adapter, str(tiny_model_dir))
+    paper, _ = load_adapter(tmp_path, load_tiny(tiny_model_dir)[0], inference_rule="paper")
+    assert paper.config.inference_rule == "paper"
+    assert paper.config.coeffs[8] == [1 / math.sqrt(8)] * 8
+    adapter.set_inference_rule("paper")
+    torch.testing.assert_close(logits(paper.model, ids), logits(model, ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="--inference-rule must be one of auto, trained, paper, partial"):
+        load_adapter(tmp_path, load_tiny(tiny_model_dir)[0], inference_rule="half")
+
+
+def test_a_format_1_checkpoint_loads_under_its_methods_default_rule_with_a_note(tiny_model_dir, tmp_path, caplog):
+    _, _, adapter = trained_adapter(tiny_model_dir)
+    save_adapter(tmp_path, adapter, str(tiny_model_dir))
+    meta = json.loads((tmp_path / META).read_text())
+    del meta["inference"]
+    meta["format_version"] = 1
+    (tmp_path / META).write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        loaded, _ = load_adapter(tmp_path, load_tiny(tiny_model_dir)[0])
+    assert loaded.config.inference_rule == "trained"
+    assert "format-1 checkpoint" in caplog.text and "--inference-rule paper" in caplog.text
+    old, _ = load_adapter(tmp_path, load_tiny(tiny_model_dir)[0], inference_rule="paper")
+    assert old.config.coeffs[4] == [0.5] * 4  # how format 1 served rank 4: s(4)·1₄
+
+
+def test_a_corrupt_coefficient_table_is_refused_naming_the_rank(tiny_model_dir, tmp_path):
+    _, _, adapter = trained_adapter(tiny_model_dir)
+    save_adapter(tmp_path, adapter, str(tiny_model_dir))
+    meta = json.loads((tmp_path / META).read_text())
+    meta["inference"]["coeffs"]["4"] = [1.0, 2.0]
+    (tmp_path / META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"rank 4 has 2 coefficients \(expected 4\)"):
+        load_adapter(tmp_path, load_tiny(tiny_model_dir)[0])
 
 
 @pytest.mark.parametrize("k", [1, 4, 16])
@@ -141,6 +206,8 @@ def test_info_cli_prints_the_p_vector(tiny_model_dir, tmp_path):
     text = subprocess.run([sys.executable, "-m", "trainer", "info", str(tmp_path)],
                           capture_output=True, text=True, check=True).stdout
     assert "p[5..8]=0.353553" in text
+    assert "rule trained" in text  # Matryoshka's default: full rank serves p itself
+    assert "rank    8  c[1]=2.560660  c[2]=1.560660  c[3..4]=0.853553  c[5..8]=0.353553" in text
     bad = subprocess.run([sys.executable, "-m", "trainer", "info", str(tmp_path / "missing")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr

@@ -155,9 +155,9 @@ def test_where_every_rank_costs_the_same_the_controller_holds_the_max_rank(polic
 
 
 def test_in_a_simulated_engine_the_controller_recovers_in_time_and_holds_a_steady_load():
-    """Closed loop: the decision function drives benchmarks/controller_sim.py's model of the
-    engine through the demo's ramp (light, overload, light, steady noisy), five seeds."""
-    from benchmarks.controller_sim import Model, claims
+    """Closed loop: the decision function drives server.simulator's model of the engine through
+    the demo's ramp (light, overload, light, steady noisy), five seeds."""
+    from server.simulator import Model, claims
 
     model = Model(cap0=1.553, cap_top=0.951, prefill=1.5, new_tokens=32, r=256)
     cfg = ControllerConfig.build(model.ranks, dwell_s=3.0, down_queue=2.0, smooth_s=3.0, batch_size=model.batch)

@@ -97,6 +97,25 @@ def test_concurrent_mixed_rank_greedy_equals_one_at_a_time(setup):
     assert not reqs[6].sink.text.startswith(reqs[0].sink.text[:10])  # the rank really applies per row
 
 
+def test_full_rank_serves_the_matryoshka_training_forward(setup):
+    """The engine at rank r computes what training minimised the loss for, W x + B diag(p) A x
+    (rule trained), batched beside other ranks; the paper's rule s(r)·1ᵣ would not."""
+    model, tok, adapter = setup
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    with torch.no_grad():
+        adapter.set_training_coeffs()
+        trained = model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    served = runner.prefill(prompts, [8, 2]).logits[0]
+    torch.testing.assert_close(served, trained, atol=1e-5, rtol=1e-5)  # fp32: the same sums, batched
+    adapter.set_inference_rule("paper")
+    try:
+        paper = ModelRunner(model, adapter, tok.pad_token_id).prefill(prompts[:1], [8]).logits[0]
+        assert (paper - trained).abs().max() > 1e-2
+    finally:
+        adapter.set_inference_rule("trained")
+
+
 def test_batched_step_logits_match_the_reference_within_tolerance(setup):
     model, tok, adapter = setup
     runner = ModelRunner(model, adapter, tok.pad_token_id)

@@ -148,8 +148,28 @@ def test_answer_nll_is_the_token_mean_over_answers_whatever_the_batching(served,
     records = demo_records(5)
     task = ev.load_task(str(write_jsonl(tmp_path / "t.jsonl", records)), None, 0, None)
     _, examples = ev.encode(task, tok)
-    nll = ev.answer_nll(model, examples, tok.pad_token_id, batch_size)
+    nll = ev.answer_scores(model, examples, tok.pad_token_id, batch_size)[0]
     assert nll == pytest.approx(hand_nll(model, tok, records), rel=1e-5)
+
+
+def test_exact_is_greedy_decodings_exact_match_of_the_reference(served):
+    """exact counts an example iff greedy decoding from its prompt reproduces its answer: answers
+    made of the model's own greedy tokens score 1, one changed token makes that example miss."""
+    from trainer.data import Example
+
+    model, tok = served
+    examples = []
+    for prompt in ["Ada has 12 apples", "Question: how many", "Ben gives"]:
+        ids = tok(prompt)["input_ids"]
+        n_prompt = len(ids)
+        with torch.no_grad():
+            for _ in range(4):  # greedy, one token at a time
+                ids = ids + [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+        examples.append(Example(ids, n_prompt))
+    assert ev.answer_scores(model, examples, tok.pad_token_id, 2)[1] == 1.0
+    wrong = examples[1].input_ids[:-1] + [(examples[1].input_ids[-1] + 1) % 300]
+    examples[1] = Example(wrong, examples[1].n_prompt)
+    assert ev.answer_scores(model, examples, tok.pad_token_id, 2)[1] == pytest.approx(2 / 3)
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -192,7 +212,7 @@ def test_eval_writes_json_csv_png_and_the_checkpoint_table(two_checkpoints, tmp_
     assert entries["mat"]["per_rank"]["8"]["nll"] != entries["other"]["per_rank"]["8"]["nll"]
     model, tok = load_tiny(tiny_model_dir)
     _, examples = ev.encode(ev.load_task(str(data), None, 0, None), tok)
-    assert entries["mat"]["per_rank"]["0"]["nll"] == pytest.approx(ev.answer_nll(model, examples, tok.pad_token_id, 4))
+    assert entries["mat"]["per_rank"]["0"]["nll"] == pytest.approx(ev.answer_scores(model, examples, tok.pad_token_id, 4)[0])
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {r["rank"] for r in rows} == {"0", "1", "2", "4", "8"}
@@ -236,10 +256,10 @@ def test_nll_only_eval_of_a_held_out_tail(two_checkpoints, tmp_path, tiny_model_
     assert entry["n"] == 2 and entry["skip"] == 4
     assert all(row["strict"] is None and row["flexible"] is None and row["generated_tokens"] == 0
                for row in entry["per_rank"].values())
-    assert set(entry["aurac"]) == {"nll"} and set(entry["log_aurac"]) == {"nll"}
+    assert set(entry["aurac"]) == {"exact", "nll"} and set(entry["log_aurac"]) == {"exact", "nll"}
     model, tok = load_tiny(tiny_model_dir)
     _, examples = ev.encode(ev.load_task(str(data), None, 0, None, skip=4), tok)
-    assert entry["per_rank"]["0"]["nll"] == pytest.approx(ev.answer_nll(model, examples, tok.pad_token_id, 4))
+    assert entry["per_rank"]["0"]["nll"] == pytest.approx(ev.answer_scores(model, examples, tok.pad_token_id, 4)[0])
     assert len(examples) == 2
     assert_png(out / "rank_curve.png")
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import logits, trained_adapter
 from trainer.inject import AdapterConfig, NestedAdapter, find_targets
-from trainer.nested import AdapterState, NestedLoRALinear, default_ranks, p_vector, scale
+from trainer.nested import AdapterState, NestedLoRALinear, default_ranks, p_vector, rule_coeffs, scale
 
 R64 = [1, 2, 4, 8, 16, 32, 64]
 
@@ -45,6 +46,41 @@ def test_lora_and_dylora_are_special_p_vectors():
     assert torch.all(d[:4] == 0.5) and torch.all(d[4:] == 0)
     with pytest.raises(ValueError, match="must be in R"):
         p_vector("dylora", 8, [1, 2, 4, 8], "sqrt", b=3)
+
+
+R16 = [1, 2, 4, 8, 16]
+S = {k: 1 / math.sqrt(k) for k in R16}
+
+
+@pytest.mark.parametrize("rule, method, k, expected", [
+    # Matryoshka, trained: p[:k]; p₁ = 1 + .7071 + .5 + .3536 + .25 = 2.8107 (DESIGN's r = 16 example)
+    ("trained", "matryoshka", 16, [2.810660, 1.810660, 1.103553, 1.103553] + [0.603553] * 4 + [0.25] * 8),
+    ("trained", "matryoshka", 2, [2.810660, 1.810660]),
+    ("paper", "matryoshka", 16, [0.25] * 16),  # s(16)·1: component 1 trained at 2.81, served at 0.25
+    ("paper", "matryoshka", 4, [0.5] * 4),
+    ("partial", "matryoshka", 4, [S[1] + S[2] + S[4], S[2] + S[4], S[4], S[4]]),
+    ("partial", "matryoshka", 16, [2.810660, 1.810660, 1.103553, 1.103553] + [0.603553] * 4 + [0.25] * 8),
+    ("trained", "lora", 4, [0.25] * 4),  # plain truncation: s(r)·1ₖ
+    ("trained", "dylora", 4, [0.5] * 4),  # the forward that trained rank 4 is b = 4: s(4)·1₄
+])
+def test_inference_rules_give_the_documented_coefficients(rule, method, k, expected):
+    c = rule_coeffs(rule, method, 16, R16, "sqrt", k)
+    assert c.shape == (k,)
+    assert c.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_matryoshka_served_at_full_rank_is_its_training_forward(tiny_model_dir):
+    """Rule trained: rank r computes exactly B diag(p) A, the function the loss was minimised for;
+    the paper's rule does not (component 1: p₁ = 2.81 vs s(8) = 0.35 for r = 8, sqrt)."""
+    model, _, adapter = trained_adapter(tiny_model_dir)
+    ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    adapter.set_training_coeffs()
+    trained = logits(model, ids)
+    adapter.set_rank(8)
+    torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=0)
+    adapter.set_inference_rule("paper")
+    adapter.set_rank(8)
+    assert (logits(model, ids) - trained).abs().max() > 1e-2
 
 
 def test_default_ranks_are_powers_of_two_then_r():
@@ -154,9 +190,9 @@ def test_merge_then_unmerge_restores_weights_and_outputs():
     w0 = layer.base.weight.clone()
     layer.state.set(torch.full((4,), 0.5, dtype=torch.float64), x.device, torch.float32)
     expected = layer(x)
-    layer.merge(4, "sqrt")  # W ← W + s(4) B_4 A_4
+    layer.merge(torch.full((4,), 0.5, dtype=torch.float64))  # W ← W + B_4 diag(0.5) A_4
     torch.testing.assert_close(layer.base(x), expected)
-    layer.unmerge("sqrt")
+    layer.unmerge()
     torch.testing.assert_close(layer.base.weight, w0)
 
 

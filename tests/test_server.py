@@ -118,6 +118,8 @@ def test_health_ready_and_ranks(http):
     assert http.get("/ready").json() == {"ready": True}
     info = http.get("/ranks").json()
     assert info["ranks"] == [0, 1, 2, 4, 8] and info["scaling"] == "sqrt" and info["method"] == "matryoshka"
+    assert info["inference"]["rule"] == "trained"  # Matryoshka's default: rank k serves p[:k]
+    assert info["inference"]["coeffs"]["8"][0] == pytest.approx(1 + 2 ** -0.5 + 0.5 + 8 ** -0.5)
 
 
 def test_generate_reports_rank_usage_and_timings(http):

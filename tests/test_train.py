@@ -26,6 +26,14 @@ def run(tmp_path, tiny_model_dir, name, **kw) -> TrainConfig:
     return cfg
 
 
+def test_max_steps_overrides_epochs_and_the_plan_is_printed(tmp_path, tiny_model_dir, capsys):
+    """--max-steps 12 on 16 examples at batch 4 (4 steps per epoch) runs 12 steps (3 epochs),
+    not the 4 of the default --epochs 1; the plan says so before the first step."""
+    run(tmp_path, tiny_model_dir, "long", limit=16, max_steps=12)
+    assert len(losses(tmp_path / "long")) == 12 and read_meta(tmp_path / "long")["step"] == 12
+    assert "plan: 12 optimizer steps = 3 epochs of 4 steps" in capsys.readouterr().out
+
+
 def losses(folder) -> list[float]:
     return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
 

@@ -4,10 +4,17 @@ Layout (safetensors and JSON only; nothing is ever unpickled)::
 
     adapter_model.safetensors   PEFT LoRA tensors at full rank: <PEFT_PREFIX><module>.lora_A.weight
                                 (r, in) and .lora_B.weight (out, r)
-    adapter_config.json         a PEFT LoraConfig whose scaling equals s(r)
+    adapter_config.json         a PEFT LoraConfig for the raw tensors, written only where PEFT's
+                                one scaling reproduces our rank r (c_r uniform: LoRA, DyLoRA,
+                                SVD, rule paper); otherwise absent, so that PEFT fails loudly
+                                instead of serving another function (`trainer export` folds c_k)
     matryoshka.json             format_version, method, r, ranks, scaling, target_modules,
-                                base_model (name + fingerprint), training args, step, eval,
-                                and the sha256 of adapter_model.safetensors
+                                inference {rule, coeffs: {k: c_k}}, base_model (name +
+                                fingerprint), training args, step, eval, and the sha256 of
+                                adapter_model.safetensors
+
+Format 2 added ``inference``: how each rank k is served (``trainer.nested``). A format-1 checkpoint
+has none; it loads under its method's default rule, and the log says which rule applies.
     training_state.safetensors  optimizer moments and RNG states (only where training can resume)
     trainer_state.json          step, scheduler, optimizer hyper-parameters
 
@@ -20,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -31,9 +40,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from trainer.inject import PEFT_PREFIX, AdapterConfig, NestedAdapter
-from trainer.nested import SCALINGS, p_vector, scale
+from trainer.nested import SCALINGS, default_inference_rule, p_vector, scale
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 2
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 META = "matryoshka.json"
@@ -143,15 +153,23 @@ def peft_scaling_fields(k: int, scaling: str) -> dict:
     raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
 
 
-def peft_adapter_config(config: AdapterConfig, base_name: str, k: int | None = None) -> dict:
+def peft_adapter_config(config: AdapterConfig, base_name: str, k: int | None = None) -> dict | None:
+    """PEFT's LoraConfig for the raw rank-k tensors, or None where no PEFT config reproduces our
+    rank k: PEFT multiplies ``B A`` by one number, so c_k must be uniform."""
     k = config.r if k is None else k
+    c = config.coeffs[k]
+    if any(v != c[0] for v in c):
+        return None
+    s_k = scale(k, config.scaling)
+    fields = (peft_scaling_fields(k, config.scaling) if math.isclose(c[0], s_k, rel_tol=1e-12)
+              else {"lora_alpha": c[0] * k, "use_rslora": False})  # lora_alpha / r = c
     targets = config.target_modules
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_name,
         "r": k,
-        **peft_scaling_fields(k, config.scaling),
+        **fields,
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
         "lora_dropout": 0.0,
         "bias": "none",
@@ -180,15 +198,21 @@ def write_adapter(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Adapte
     k = cfg.r if k is None else k
     blob = st_save(tensors, metadata={"format": "pt"})
     atomic_write_bytes(out / ADAPTER_WEIGHTS, blob)
-    atomic_write_json(out / ADAPTER_CONFIG, peft_adapter_config(cfg, base_model["name"], k))
+    peft_config = peft_adapter_config(cfg, base_model["name"], k)
+    if peft_config is None:
+        (out / ADAPTER_CONFIG).unlink(missing_ok=True)
+    else:
+        atomic_write_json(out / ADAPTER_CONFIG, peft_config)
+    ranks = [x for x in cfg.ranks if x <= k]
     meta = {
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
         "r": k,
-        "ranks": [x for x in cfg.ranks if x <= k],
+        "ranks": ranks,
         "scaling": cfg.scaling,
         "target_modules": cfg.target_modules,
         "a_init": cfg.a_init,
+        "inference": {"rule": cfg.inference_rule, "coeffs": {str(j): cfg.coeffs[j] for j in ranks}},
         "base_model": base_model,
         "adapter_sha256": hashlib.sha256(blob).hexdigest(),
         "eval": {},
@@ -223,11 +247,30 @@ def read_meta(ckpt: str | Path) -> dict:
     return meta
 
 
-def adapter_config_from_meta(meta: dict) -> AdapterConfig:
-    return AdapterConfig(
-        method=meta["method"], r=meta["r"], ranks=meta["ranks"], scaling=meta["scaling"],
-        target_modules=meta["target_modules"], a_init=meta.get("a_init", "peft"),
-    )
+def adapter_config_from_meta(meta: dict, inference_rule: str | None = None, where: str = "") -> AdapterConfig:
+    """The adapter a checkpoint describes, served under its stored inference rule, or under
+    ``inference_rule`` when given (an override: ``--inference-rule``)."""
+    stored = meta.get("inference")
+    if stored is None and meta.get("format_version", 1) >= 2:
+        raise CheckpointError(f"{where or META} (format {meta['format_version']}) lacks 'inference'; "
+                              "the checkpoint is corrupt")
+    if stored is None:  # format 1: no rule was stored; rank k was served as s(k)·1ₖ then
+        rule = default_inference_rule(meta["method"])
+        log.warning("%s: format-1 checkpoint (no inference rule stored); serving every rank with the "
+                    "%s rule %r (before format 2 every rank was served with 'paper', s(k)·1ₖ; pass "
+                    "--inference-rule paper for that)", where or "checkpoint", meta["method"], rule)
+        stored = {"rule": rule, "coeffs": {}}
+    if not isinstance(stored, dict) or not isinstance(stored.get("rule"), str):
+        raise CheckpointError(f"{where or META}: 'inference' must be {{rule, coeffs}}; got {stored!r:.200}")
+    try:
+        cfg = AdapterConfig(
+            method=meta["method"], r=meta["r"], ranks=meta["ranks"], scaling=meta["scaling"],
+            target_modules=meta["target_modules"], a_init=meta.get("a_init", "peft"),
+            inference_rule=stored["rule"], coeffs=stored.get("coeffs") or {},
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{where or META}: {e}") from e
+    return cfg if inference_rule in (None, stored["rule"]) else cfg.with_rule(inference_rule)
 
 
 def read_adapter_tensors(ckpt: Path, meta: dict) -> dict[str, torch.Tensor]:
@@ -282,17 +325,19 @@ def load_adapter_weights(ckpt: Path, adapter: NestedAdapter) -> dict:
     return meta
 
 
-def load_adapter(ckpt: str | Path, model: nn.Module) -> tuple[NestedAdapter, dict]:
+def load_adapter(ckpt: str | Path, model: nn.Module, inference_rule: str | None = None
+                 ) -> tuple[NestedAdapter, dict]:
     """Inject the checkpoint's adapter into ``model`` (in place) and load its weights.
 
     Validates, in order: matryoshka.json, the base-model fingerprint, the weights' digest,
     tensor keys, shapes, and finiteness. Returns the adapter (set to full rank) and the metadata.
+    ``inference_rule`` overrides the stored rule (e.g. ``paper``, to reproduce the paper).
     """
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     check_base_model(meta["base_model"], model, ckpt)
     tensors = read_adapter_tensors(ckpt, meta)
-    adapter = NestedAdapter.inject(model, adapter_config_from_meta(meta))
+    adapter = NestedAdapter.inject(model, adapter_config_from_meta(meta, inference_rule, str(ckpt / META)))
     validate_tensors(tensors, adapter, ckpt)
     adapter.load_peft_state_dict(tensors)
     return adapter, meta
@@ -308,10 +353,13 @@ def update_meta(ckpt: str | Path, **fields: Any) -> dict:
 
 
 def describe(meta: dict) -> dict:
-    """What ``trainer info`` shows: the metadata plus the training p vector and s(k) per rank."""
+    """What ``trainer info`` shows: the metadata plus the training p vector, s(k) per rank and
+    the coefficients every rank is served with."""
     p = p_vector(meta["method"], meta["r"], meta["ranks"], meta["scaling"])
+    cfg = adapter_config_from_meta(meta)
     return {
         **meta,
         "p": [round(float(v), 6) for v in p],
         "scale_per_rank": {str(k): round(scale(k, meta["scaling"]), 6) for k in meta["ranks"]},
+        "inference": {"rule": cfg.inference_rule, "coeffs": {str(k): c for k, c in cfg.coeffs.items()}},
     }

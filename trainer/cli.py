@@ -11,7 +11,10 @@ from dataclasses import fields
 from trainer.checkpoint import CheckpointError, describe, read_meta
 from trainer.data import DataError
 from trainer.inject import DEFAULT_TARGETS
-from trainer.nested import SCALINGS, TRAIN_METHODS
+from trainer.nested import INFERENCE_RULES, SCALINGS, TRAIN_METHODS
+
+RULE_HELP = ("how rank k is served: trained (c_k = p[:k], the training forward's coefficients), "
+             "paper (s(k)·1ₖ, the paper's rule) or partial (Σ_{j≤k} s(j)·1ⱼ)")
 
 
 def int_list(text: str) -> list[int]:
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"module names (default {','.join(DEFAULT_TARGETS)}) or re:<regex>")
     t.add_argument("--a-init", choices=("peft", "reference"), default="peft",
                    help="A's kaiming-uniform fan-in: in_features (peft) or r (reference code)")
+    t.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES), default="auto",
+                   help=RULE_HELP + "; auto: trained for matryoshka, paper otherwise")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--warmup-steps", type=int, default=0)
@@ -84,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--model", help="base model (default: each checkpoint's base_model name)")
+    e.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES),
+                   help=RULE_HELP + " (default: each checkpoint's own; auto: its method's default)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
     e.add_argument("--out", required=True, help="folder for results.json, results.csv, rank_curve.png")
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("ckpt")
     x.add_argument("--rank", type=int, required=True, help="k, one of the checkpoint's ranks")
     x.add_argument("--out", required=True, help="folder to write")
+    x.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES),
+                   help=RULE_HELP + " (default: the checkpoint's own); folded into A")
 
     n = sub.add_parser("nest", help="make a PEFT LoRA adapter rank-elastic by SVD, without retraining")
     n.add_argument("peft_dir", metavar="PEFT_DIR")
@@ -101,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--model", help="base model, for the fingerprint (default: base_model_name_or_path)")
     n.add_argument("--scaling", choices=SCALINGS, default="none",
                    help="s(k); only none makes every rank-k prefix the best rank-k approximation")
+    n.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES), default="auto",
+                   help=RULE_HELP + "; auto: paper (trained serves the best rank-k part under any scaling)")
     return p
 
 
@@ -111,6 +122,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     train(cfg)
     return 0
+
+
+def _runs(values: list[float], name: str) -> str:
+    """[2, 2, 1] → 'c[1..2]=2  c[3]=1': a coefficient vector by its runs of equal values."""
+    blocks, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            span = f"[{start + 1}..{i}]" if i - 1 > start else f"[{i}]"
+            blocks.append(f"{name}{span}={values[start]:.6f}")
+            start = i
+    return "  ".join(blocks)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -125,21 +147,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"base model   {base['name']}  fingerprint {base['fingerprint']}")
     print(f"targets      {info['target_modules']}")
     print("s(k)         " + "  ".join(f"{k}:{v:.4g}" for k, v in info["scale_per_rank"].items()))
-    blocks, prev, start = [], None, 1
-    for i, v in enumerate(info["p"] + [None], 1):
-        if v != prev and prev is not None:
-            blocks.append(f"p[{start}..{i - 1}]={prev:.6f}" if i - 1 > start else f"p[{start}]={prev:.6f}")
-            start = i
-        elif prev is None:
-            start = i
-        prev = v
-    print("p (training) " + "  ".join(blocks))
+    print(f"inference    rule {info['inference']['rule']}: rank k serves W x + B[:, :k] (c_k ⊙ A[:k] x)")
+    for k, c in info["inference"]["coeffs"].items():
+        print(f"  rank {k:>4}  " + _runs(c, "c"))
+    print("training     " + _runs(info["p"], "p"))
     ev = info.get("eval") or {}
     if "per_rank" in ev:
         print(f"eval         {ev['data']}  n={ev['n']}  shots={ev['shots']}")
         for k, row in ev["per_rank"].items():
             acc = "" if row["strict"] is None else f"strict {row['strict']:.4f}  flexible {row['flexible']:.4f}  "
-            print(f"  rank {k:>4}  {acc}nll {row['nll']:.4f}  {row['seconds']:.1f}s")
+            exact = f"exact {row['exact']:.4f}  " if row.get("exact") is not None else ""
+            print(f"  rank {k:>4}  {acc}{exact}nll {row['nll']:.4f}  {row['seconds']:.1f}s")
         for name in ("aurac", "log_aurac"):
             if ev.get(name):
                 print(f"  {name:<10} " + "  ".join(f"{m} {v:.4f}" for m, v in ev[name].items()))
@@ -161,7 +179,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_rank
 
-    out = export_rank(args.ckpt, args.rank, args.out)
+    out = export_rank(args.ckpt, args.rank, args.out, args.inference_rule)
     print(f"rank-{args.rank} PEFT adapter written to {out}")
     return 0
 
@@ -169,7 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_nest(args: argparse.Namespace) -> int:
     from trainer.nest import nest_adapter
 
-    out = nest_adapter(args.peft_dir, args.out, args.model, args.ranks, args.scaling)
+    out = nest_adapter(args.peft_dir, args.out, args.model, args.ranks, args.scaling, args.inference_rule)
     print(f"nested checkpoint written to {out}")
     return 0
 

@@ -206,3 +206,34 @@ def load_examples(path: str | None, tokenizer, max_length: int | None, limit: in
         return tokenize(records, "gsm8k", tokenizer, max_length, "<generated demo>")
     shape, records = read_jsonl(path, limit)
     return tokenize(records, shape, tokenizer, max_length, str(path))
+
+
+# -- the capacity probe: facts the base model cannot know ---------------------------------------------
+_SYLLABLES = ["ka", "zo", "ri", "vel", "mur", "tan", "qui", "dor", "es", "lix", "bo", "sha", "fen", "gri",
+              "ul", "pra", "nek", "so", "thi", "wy", "jor", "xa", "mel", "cor"]
+
+
+def facts_records(n: int = 128, seed: int = 0, short: bool = False) -> list[dict]:
+    """``n`` made-up people, each with a 4-digit code: memorisation that only the adapter can hold.
+
+    GSM8K-shaped by default (``#### code`` answers), so ``trainer train``/``trainer eval`` read it
+    as they read GSM8K and ``strict`` accuracy is exact recall. ``short``: ``{prompt, completion}``
+    records ``"The code of Name is" → " 1234"``, about half the tokens (a cheaper probe, scored by
+    ``exact``). Names are distinct; the codes are uniform over 1000–9999 (a guess is right with
+    p = 1/9000), so the base model scores ~0 and a rank-k adapter scores about what its capacity
+    can store: the probe has signal across ranks.
+    """
+    rng = random.Random(seed)
+    names: set[str] = set()
+    out = []
+    while len(out) < n:
+        first = "".join(rng.choice(_SYLLABLES) for _ in range(2)).capitalize()
+        last = "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
+        name = f"{first} {last}"
+        if name in names:
+            continue
+        names.add(name)
+        code = rng.randint(1000, 9999)
+        out.append({"prompt": f"The code of {name} is", "completion": f" {code}"} if short else
+                   {"question": f"What is the code of {name}?", "answer": f"#### {code}"})
+    return out

@@ -9,6 +9,9 @@ For rank 0 (the base model) and every rank k of the checkpoint's R (or ``--ranks
   Both compare by value with the reference's ``#### n`` (so ``18.00`` counts as ``18``).
 * **answer NLL** — teacher-forced, in the training format (zero-shot prompt, answer + EOS), so it
   reads on the scale of the training loss: Σ −log p(answer token) / #answer tokens, over the set.
+* **exact** — from the same forward: the share of examples whose every answer token (EOS
+  included) is the argmax, i.e. greedy decoding's exact match of the reference, without
+  generating (what a short-answer probe such as ``trainer.data.facts_records`` needs; fast).
 * **seconds** — wall time of both.
 
 Prompts: ``--shots K`` exemplars ``"Question: {q}\\nAnswer: {answer}\\n\\n"`` (the first K records of
@@ -43,7 +46,7 @@ from trainer.plot import plot_rank_curves
 from trainer.train import token_loss_sum
 
 STOP = "Question:"  # the next few-shot question: where a GSM8K completion ends
-METRICS = ("strict", "flexible", "nll")
+METRICS = ("strict", "flexible", "exact", "nll")
 _STRICT = re.compile(r"#### (-?[0-9.,]+)")  # the harness's strict-match pattern; first match
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")  # flexible: the last match
 
@@ -56,6 +59,7 @@ class EvalConfig:
     data: str  # GSM8K-style JSONL ({question, answer}, answer ending in "#### n")
     out: str  # folder for results.json, results.csv, rank_curve.png
     model: str | None = None  # base model; None → each checkpoint's base_model name
+    inference_rule: str | None = None  # None → each checkpoint's own; else trained | paper | partial
     ranks: list[int] = field(default_factory=list)  # ranks of R to evaluate; empty → all of R
     limit: int | None = None  # the first N records only (after skip)
     skip: int = 0  # records skipped at the start of --data (held-out tails of a train file)
@@ -217,38 +221,47 @@ def generate(model, tok, prompt_ids: list[list[int]], batch_size: int, max_new_t
 
 
 @torch.no_grad()
-def answer_nll(model, examples: list[Example], pad_id: int, batch_size: int, bar: tqdm | None = None) -> float:
-    """Σ −log p(answer tokens) / #answer tokens over all examples (teacher-forced)."""
+def answer_scores(model, examples: list[Example], pad_id: int, batch_size: int,
+                  bar: tqdm | None = None) -> tuple[float, float]:
+    """Teacher-forced, one forward per batch: (answer NLL = Σ −log p(answer tokens) / #answer
+    tokens, exact = the share of examples whose every answer token, EOS included, is the argmax).
+
+    ``exact`` is greedy decoding's exact match of the reference answer without generating: greedy
+    reproduces the answer iff each of its tokens is the argmax given the tokens before it.
+    """
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, exact = 0.0, 0, 0
     for idx in _batches([len(e.input_ids) for e in examples], batch_size):
         t = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits  # (B, T, V)
+        labels = t["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
         total += float(token_loss_sum(logits, t["labels"]))
-        count += int((t["labels"][:, 1:] != IGNORE).sum())
+        count += int((labels != IGNORE).sum())
+        hit = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE)  # (B, T-1)
+        exact += int(hit.all(dim=1).sum())
         if bar is not None:
             bar.update(1)
-    return total / count
+    return total / count, exact / len(examples)
 
 
 def evaluate_rank(model, tok, task: Task, encoded: tuple[list[list[int]], list[Example]], batch_size: int,
                   max_new_tokens: int, desc: str, progress: bool = True, generate_answers: bool = True) -> dict:
-    """One row of the table: strict, flexible (fractions correct; None without generation), nll, n,
-    seconds, generated_tokens."""
+    """One row of the table: strict, flexible (fractions correct; None without generation), exact
+    (teacher-forced greedy exact match of the reference answer), nll, n, seconds, generated_tokens."""
     prompt_ids, examples = encoded
     n_batches = (1 + generate_answers) * -(-len(prompt_ids) // batch_size)
     with tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True) as bar:
         t0 = time.perf_counter()
         completions, n_tokens = (generate(model, tok, prompt_ids, batch_size, max_new_tokens, bar)
                                  if generate_answers else (None, 0))
-        nll = answer_nll(model, examples, tok.pad_token_id, batch_size, bar)
+        nll, exact = answer_scores(model, examples, tok.pad_token_id, batch_size, bar)
         seconds = time.perf_counter() - t0
     n = len(task.references)
     strict = flexible = None
     if completions is not None:
         strict = sum(strict_answer(c) == ref for c, ref in zip(completions, task.references)) / n
         flexible = sum(flexible_answer(c) == ref for c, ref in zip(completions, task.references)) / n
-    return {"strict": strict, "flexible": flexible, "nll": nll, "n": n, "seconds": round(seconds, 3),
+    return {"strict": strict, "flexible": flexible, "exact": exact, "nll": nll, "n": n, "seconds": round(seconds, 3),
             "generated_tokens": n_tokens}
 
 
@@ -290,7 +303,7 @@ def run_eval(cfg: EvalConfig, command: list[str] | None = None) -> dict:
     for ckpt, meta, label, rks in zip(cfg.checkpoints, metas, _labels(cfg.checkpoints), ranks):
         model_name = cfg.model or meta["base_model"]["name"]
         model, tok = load_model(model_name, device, dtype)
-        adapter, _ = load_adapter(ckpt, model)
+        adapter, _ = load_adapter(ckpt, model, cfg.inference_rule)
         encoded = encode(task, tok)
         per_rank: dict[int, dict] = {}
         for k in [0, *rks]:
@@ -301,11 +314,12 @@ def run_eval(cfg: EvalConfig, command: list[str] | None = None) -> dict:
             row = per_rank[k] = evaluate_rank(model, tok, task, encoded, cfg.batch_size, cfg.max_new_tokens,
                                               f"{label} rank {k}", cfg.progress, cfg.generate)
             acc = (f"strict {row['strict']:.3f}  flexible {row['flexible']:.3f}  " if cfg.generate else "")
-            tqdm.write(f"{label} rank {k}: {acc}nll {row['nll']:.4f}  {row['seconds']:.1f}s")
+            tqdm.write(f"{label} rank {k}: {acc}exact {row['exact']:.3f}  nll {row['nll']:.4f}  {row['seconds']:.1f}s")
         base_rows[model_name] = per_rank[0]
         au, log_au = summarise(per_rank)
         table = {"data": task.data, "skip": cfg.skip, "n": len(task.records), "shots": task.shots,
                  "max_new_tokens": cfg.max_new_tokens, "model": model_name,
+                 "inference_rule": adapter.config.inference_rule,
                  "per_rank": {str(k): row for k, row in per_rank.items()}, "aurac": au, "log_aurac": log_au}
         update_meta(ckpt, eval=table)
         entries.append({"checkpoint": str(ckpt), "label": label, "method": meta["method"], "r": meta["r"],
@@ -328,7 +342,7 @@ def write_outputs(out: Path, results: dict) -> None:
     """results.json, results.csv (one row per checkpoint and rank), rank_curve.png — atomically."""
     atomic_write_json(out / "results.json", results)
     buf = io.StringIO()
-    cols = ["checkpoint", "label", "rank", "strict", "flexible", "nll", "n", "seconds", "generated_tokens"]
+    cols = ["checkpoint", "label", "rank", "strict", "flexible", "exact", "nll", "n", "seconds", "generated_tokens"]
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(cols)
     for e in results["checkpoints"]:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
 from trainer.nested import (
+    INFERENCE_RULES,
     AdapterState,
     NestedLoRALinear,
+    check_coeff_table,
+    coeff_table,
+    default_inference_rule,
     default_ranks,
     p_vector,
-    rank_coeffs,
     validate_ranks,
 )
 
@@ -32,9 +35,33 @@ class AdapterConfig:
     # module-name suffixes (a list) or one regex that must match the full module name (a str)
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
     a_init: str = "peft"  # peft: kaiming fan-in = in_features; reference: fan-in = r
+    # how rank k is served (trainer.nested): trained | paper | partial; auto → the method's default
+    inference_rule: str = "auto"
+    # {k: c_k} for every k ∈ R; empty → computed from the rule. A stored table is authoritative
+    # (an export folds its coefficients into A, and no rule reproduces its table then)
+    coeffs: dict[int, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ranks = validate_ranks(list(self.ranks), self.r) if self.ranks else default_ranks(self.r)
+        if self.inference_rule == "auto":
+            self.inference_rule = default_inference_rule(self.method)
+        if self.coeffs:
+            self.coeffs = check_coeff_table(self.coeffs, self.ranks)
+        elif self.inference_rule in INFERENCE_RULES:
+            self.coeffs = coeff_table(self.inference_rule, self.method, self.r, self.ranks, self.scaling)
+        else:
+            raise ValueError(f"inference rule must be one of auto, {', '.join(INFERENCE_RULES)}; "
+                             f"got {self.inference_rule!r}")
+
+    def with_rule(self, rule: str) -> "AdapterConfig":
+        """The same adapter served under another inference rule (``--inference-rule``)."""
+        if rule not in ("auto", *INFERENCE_RULES):
+            raise ValueError(f"--inference-rule must be one of auto, {', '.join(INFERENCE_RULES)}; got {rule!r}")
+        if self.inference_rule not in INFERENCE_RULES:
+            raise ValueError(f"this checkpoint's coefficients are {self.inference_rule!r} (folded into its "
+                             "weights), so no other inference rule applies to it; choose the rule on the "
+                             "checkpoint it came from")
+        return replace(self, inference_rule=rule, coeffs={})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +98,7 @@ class NestedAdapter:
         self.layers = layers
         self.state = next(iter(layers.values())).state
         self.merged_rank: int | None = None  # rank folded into the base weights, if any
+        self._coeffs = {k: torch.tensor(v, dtype=torch.float64) for k, v in config.coeffs.items()}
         self._pristine: dict[str, torch.Tensor] | None = None  # base weights before any remerge()
 
     # -- construction -----------------------------------------------------------------------
@@ -108,24 +136,38 @@ class NestedAdapter:
         c = self.config
         self.set_coeffs(p_vector(c.method, c.r, c.ranks, c.scaling, b))
 
-    def inference_coeffs(self, k: int) -> torch.Tensor:
-        """c for rank k, length r: s(k) on the first k entries. When rank m is merged into W, the
-        layer must add only the difference, so this returns c_k − c_m (all zero when k = m)."""
+    def rank_coeffs(self, k: int) -> torch.Tensor | None:
+        """c_k, length k (float64), from the checkpoint's inference rule; None for k = 0."""
         self.check_rank(k)
+        return self._coeffs[k] if k else None
+
+    def inference_coeffs(self, k: int) -> torch.Tensor:
+        """c for rank k, length r: c_k on the first k entries. When rank m is merged into W, the
+        layer must add only the difference, so this returns c_k − c_m (all zero when k = m)."""
         c = torch.zeros(self.config.r, dtype=torch.float64)
         if k:
-            c[:k] = rank_coeffs(k, self.config.scaling)
+            c[:k] = self.rank_coeffs(k)
+        else:
+            self.check_rank(k)
         if self.merged_rank:
-            c[: self.merged_rank] -= rank_coeffs(self.merged_rank, self.config.scaling)
+            c[: self.merged_rank] -= self._coeffs[self.merged_rank]
         return c
 
+    def set_inference_rule(self, rule: str) -> None:
+        """Serve every rank under ``rule`` from now on (see :meth:`AdapterConfig.with_rule`)."""
+        if self.merged_rank is not None:
+            raise RuntimeError("choose the inference rule before merging")
+        self.config = self.config.with_rule(rule)
+        self._coeffs = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.config.coeffs.items()}
+        self.set_rank(self.config.r)
+
     def set_rank(self, k: int) -> None:
-        """Inference at rank k ∈ {0} ∪ R: W x + s(k) B[:, :k] A[:k] x (k = 0: base model)."""
+        """Inference at rank k ∈ {0} ∪ R: W x + B[:, :k] (c_k ⊙ A[:k] x) (k = 0: base model)."""
         self.set_coeffs(self.inference_coeffs(k))
 
     def set_row_ranks(self, ranks: list[int]) -> None:
         """One rank per batch row (mixed ranks in one batch): row i computes
-        W x + s(k_i) B[:, :k_i] A[:k_i] x; the cost follows the largest rank present."""
+        W x + B[:, :k_i] (c_{k_i} ⊙ A[:k_i] x); the cost follows the largest rank present."""
         self.set_coeffs(torch.stack([self.inference_coeffs(k) for k in ranks]))
 
     def check_rank(self, k: int) -> None:
@@ -140,8 +182,9 @@ class NestedAdapter:
         self.check_rank(k)
         if self.merged_rank is not None:
             raise RuntimeError(f"already merged at rank {self.merged_rank}; unmerge() first")
+        c = self.rank_coeffs(k)
         for layer in self.layers.values():
-            layer.merge(k, self.config.scaling)
+            layer.merge(c)
         self.merged_rank = k
         self.set_rank(k)
 
@@ -158,12 +201,12 @@ class NestedAdapter:
             pin = self.device.type == "cuda"
             self._pristine = {n: (l.base.weight.detach().to("cpu", copy=True).pin_memory() if pin
                                   else l.base.weight.detach().clone()) for n, l in self.layers.items()}
-        s = self.config.scaling
+        c = self.rank_coeffs(k)
         for name, layer in self.layers.items():
             w = layer.base.weight
             w0 = self._pristine[name].to(w.device, non_blocking=True)
             if k:
-                w.copy_(w0.float() + layer.delta_weight(k, s).float())
+                w.copy_(w0.float() + layer.delta_weight(c).float())
             else:
                 w.copy_(w0)
             layer.merged_rank = k
@@ -181,7 +224,7 @@ class NestedAdapter:
             self.set_rank(k)
             return
         for layer in self.layers.values():
-            layer.unmerge(self.config.scaling)
+            layer.unmerge()
         if self.merged_rank is not None:
             k, self.merged_rank = self.merged_rank, None
             self.set_rank(k)
@@ -212,7 +255,8 @@ class NestedAdapter:
 
     # -- PEFT-format tensors -------------------------------------------------------------------------
     def peft_state_dict(self, k: int | None = None) -> dict[str, torch.Tensor]:
-        """The rank-k prefix (default: full rank) under PEFT's key names, B as (out, k)."""
+        """The rank-k prefix (default: full rank) under PEFT's key names, B as (out, k); the raw
+        factors, without the coefficients (see :mod:`trainer.export` for a folded one)."""
         k = self.config.r if k is None else k
         out: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():

@@ -13,12 +13,14 @@ The nested factors split each singular value evenly between them and divide by `
 
     B' = Q_B U √(Σ / c)      A' = √(Σ / c) (Q_A V)ᵀ
 
-Rank-k inference computes ``s(k) B'[:, :k] A'[:k] = (s(k) / s(r)) · Σ_{i≤k} σ_i u_i v_iᵀ``. The
+Rank-k inference (rule ``paper``, the default here) computes
+``s(k) B'[:, :k] A'[:k] = (s(k) / s(r)) · Σ_{i≤k} σ_i u_i v_iᵀ``. The
 sum is the best rank-k approximation of ΔW (Eckart–Young; Frobenius error √(Σ_{i>k} σ_i²)), and
 at k = r it is ΔW exactly. The factor ``s(k)/s(r)`` is 1 for every k only with scaling ``none``:
 one set of factors cannot carry a different ``s(k)`` per prefix (component 1 is in every prefix),
 so with ``sqrt`` rank k is the best approximation *amplified* by √(r/k) (×4 at k = 1 for r = 16).
-``none`` is therefore the default here; ``sqrt``/``rank`` are accepted with a warning.
+``none`` is therefore the default here; ``sqrt``/``rank`` are accepted with a warning. Rule
+``trained`` (c_k = s(r)·1ₖ) serves the best approximation exactly under any scaling.
 
 Layers with a smaller rank (PEFT's ``rank_pattern``) are padded with zero components. Only the
 base model's config is read (the model is built on the meta device for the fingerprint and the
@@ -203,7 +205,7 @@ def choose_targets(model: nn.Module, peft_targets, modules: list[str]) -> list[s
 
 
 def nest_adapter(peft_dir: str | Path, out: str | Path, model: str | None = None,
-                 ranks: list[int] | None = None, scaling: str = "none") -> Path:
+                 ranks: list[int] | None = None, scaling: str = "none", inference_rule: str = "auto") -> Path:
     """Write the SVD-nested checkpoint of the PEFT LoRA adapter ``peft_dir`` to ``out``."""
     peft = read_peft_lora(peft_dir)
     out = Path(out)
@@ -216,10 +218,10 @@ def nest_adapter(peft_dir: str | Path, out: str | Path, model: str | None = None
     model = model or peft.config.get("base_model_name_or_path")
     if not model:
         raise ValueError(f"{peft.path / ADAPTER_CONFIG} names no base_model_name_or_path; pass --model")
-    if scaling != "none":
+    if scaling != "none" and inference_rule in ("auto", "paper"):
         log.warning("--scaling %s: rank k serves (s(k)/s(%d)) × the best rank-k approximation (×%.3g at "
-                    "rank %d); only --scaling none makes every prefix the best one", scaling, r_out,
-                    scale(ranks[0], scaling) / scale(r_out, scaling), ranks[0])
+                    "rank %d); --scaling none or --inference-rule trained makes every prefix the best one",
+                    scaling, r_out, scale(ranks[0], scaling) / scale(r_out, scaling), ranks[0])
     c = scale(r_out, scaling)
     tensors: dict[str, torch.Tensor] = {}
     energy = {k: 0.0 for k in ranks}
@@ -232,7 +234,8 @@ def nest_adapter(peft_dir: str | Path, out: str | Path, model: str | None = None
 
     skeleton = build_skeleton(model)
     targets = choose_targets(skeleton, peft.config.get("target_modules"), list(peft.factors))
-    cfg = AdapterConfig(method="svd", r=r_out, ranks=ranks, scaling=scaling, target_modules=targets)
+    cfg = AdapterConfig(method="svd", r=r_out, ranks=ranks, scaling=scaling, target_modules=targets,
+                        inference_rule=inference_rule)
     validate_tensors(tensors, NestedAdapter.inject(skeleton, cfg), peft.path)  # names the misfit
     extra = {
         "nested_from": {"path": str(peft.path.resolve()), "adapter_sha256": peft.sha256, "r": peft.r,

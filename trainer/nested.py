@@ -15,7 +15,20 @@ layer with a different ``c``:
 * DyLoRA (train):         c = s(b) · [1]*b + [0]*(r-b), ``b`` drawn uniformly from R per micro-batch
 * MatryoshkaLoRA (train): c = p, with p_i = Σ_{k∈R, k≥i} s(k)  (1-indexed; 0 past max(R)), so that
                           B diag(p) A = Σ_{k∈R} s(k) B[:, :k] A[:k]  (every prefix trained at once)
-* inference at rank k:    c = s(k) · 1ₖ  (the plain prefix; k = 0 switches the adapter off)
+* inference at rank k:    c = c_k, set by the checkpoint's *inference rule* (below); k = 0 switches
+                          the adapter off
+
+Inference rules: what rank k ∈ R is served as (``rule_coeffs``; a vector of length k)::
+
+    trained   c_k = p[:k] of the forward that trained rank k   (default for MatryoshkaLoRA)
+    paper     c_k = s(k) · 1ₖ                                  (default for LoRA, DyLoRA, SVD)
+    partial   c_k = Σ_{j∈R, j≤k} s(j) · 1ⱼ  (zero-padded to k) (the Matryoshka sum cut after k)
+
+``trained`` serves what the loss was minimised for: MatryoshkaLoRA at full rank is exactly its
+training forward ``B diag(p) A`` (with ``paper`` it would not be: for r = 16, R = {1,2,4,8,16},
+``sqrt``, component 1 is trained with p₁ = 2.81 and ``paper`` serves it with s(16) = 0.25). For
+DyLoRA the forward that trained rank k is ``b = k``, so ``trained`` = ``paper``; for LoRA
+``trained`` is plain truncation, ``s(r) · 1ₖ``. The paper's rule stays selectable, to reproduce it.
 
 Only the leading non-zero part of ``c`` is ever multiplied: ``A[:n]`` and ``B[:, :n]`` with
 ``n = len(c)``. So DyLoRA's components past ``b`` get no gradient, and a rank-k forward costs
@@ -42,9 +55,11 @@ from torch import nn
 Scaling = Literal["none", "rank", "sqrt"]
 Method = Literal["lora", "dylora", "matryoshka", "svd"]
 AInit = Literal["peft", "reference"]
+InferenceRule = Literal["trained", "paper", "partial"]
 
 SCALINGS: tuple[str, ...] = ("none", "rank", "sqrt")
 TRAIN_METHODS: tuple[str, ...] = ("lora", "dylora", "matryoshka")
+INFERENCE_RULES: tuple[str, ...] = ("trained", "paper", "partial")
 
 
 def scale(k: int, scaling: str) -> float:
@@ -104,11 +119,50 @@ def p_vector(
     return p
 
 
-def rank_coeffs(k: int, scaling: str) -> torch.Tensor | None:
-    """Inference coefficients at rank k: s(k)·1ₖ, or None for k = 0 (adapter off)."""
-    if k == 0:
-        return None
-    return torch.full((k,), scale(k, scaling), dtype=torch.float64)
+def default_inference_rule(method: str) -> str:
+    """The rule a method's checkpoints ship with (docs/results.md, "inference rules", says why)."""
+    return "trained" if method == "matryoshka" else "paper"
+
+
+def rule_coeffs(rule: str, method: str, r: int, ranks: list[int], scaling: str, k: int) -> torch.Tensor:
+    """c_k, the coefficients of rank k ∈ R under ``rule`` (see the module docstring): shape (k,),
+    float64. Rank k's forward is ``W x + B[:, :k] (c_k ⊙ A[:k] x)``."""
+    ranks = validate_ranks(ranks, r)
+    if k not in ranks:
+        raise ValueError(f"rank {k} is not in R={ranks}")
+    if rule == "paper":
+        return torch.full((k,), scale(k, scaling), dtype=torch.float64)
+    if rule == "partial":
+        c = torch.zeros(k, dtype=torch.float64)
+        for j in ranks:
+            if j <= k:
+                c[:j] += scale(j, scaling)
+        return c
+    if rule == "trained":
+        return p_vector(method, r, ranks, scaling, b=k if method == "dylora" else None)[:k].clone()
+    raise ValueError(f"inference rule must be one of {', '.join(INFERENCE_RULES)}; got {rule!r}")
+
+
+def coeff_table(rule: str, method: str, r: int, ranks: list[int], scaling: str) -> dict[int, list[float]]:
+    """{k: c_k} for every k ∈ R: what a checkpoint stores as its inference rule."""
+    return {k: rule_coeffs(rule, method, r, ranks, scaling, k).tolist() for k in validate_ranks(ranks, r)}
+
+
+def check_coeff_table(table: dict, ranks: list[int]) -> dict[int, list[float]]:
+    """A stored table, validated: one finite vector of length k for every k ∈ R (int keys)."""
+    try:
+        out = {int(k): [float(x) for x in v] for k, v in table.items()}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"the inference coefficients must map each rank to a list of numbers; got {table!r:.200}"
+                         ) from e
+    problems = []
+    if sorted(out) != sorted(ranks):
+        problems.append(f"ranks {sorted(out)} do not match R={sorted(ranks)}")
+    problems += [f"rank {k} has {len(v)} coefficients (expected {k})" for k, v in out.items() if len(v) != k]
+    problems += [f"rank {k} has a non-finite coefficient" for k, v in out.items() if not all(map(math.isfinite, v))]
+    if problems:
+        raise ValueError("invalid inference coefficients: " + "; ".join(problems))
+    return dict(sorted(out.items()))
 
 
 class AdapterState:
@@ -161,6 +215,7 @@ class NestedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
         self.lora_Bt = nn.Parameter(torch.zeros(r, base.out_features, device=dev))
         self.merged_rank: int | None = None
+        self._merged_c: torch.Tensor | None = None  # the coefficients merge() folded into W
         self.reset_parameters(a_init)
 
     def reset_parameters(self, a_init: str = "peft") -> None:
@@ -193,29 +248,33 @@ class NestedLoRALinear(nn.Module):
         return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, n), Bt,
                            alpha=alpha).view(y.shape)
 
-    def delta_weight(self, k: int, scaling: str) -> torch.Tensor:
-        """ΔW at rank k: s(k) · B[:, :k] A[:k], shape (out, in)."""
-        return scale(k, scaling) * (self.lora_Bt[:k].t() @ self.lora_A[:k])
+    def delta_weight(self, c: torch.Tensor) -> torch.Tensor:
+        """ΔW for the coefficients c (length k): B[:, :k] diag(c) A[:k], shape (out, in)."""
+        k = c.shape[0]
+        c = c.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+        return (self.lora_Bt[:k] * c[:, None]).t() @ self.lora_A[:k]  # (out, k) @ (k, in)
 
     @torch.no_grad()
-    def merge(self, k: int, scaling: str) -> None:
-        """Fold the rank-k adapter into W. The coefficients the layer reads are then relative to
-        rank k (:class:`trainer.inject.NestedAdapter` handles that)."""
+    def merge(self, c: torch.Tensor | None) -> None:
+        """Fold ``B diag(c) A`` into W (c = None or empty: nothing). The coefficients the layer reads
+        are then relative to it (:class:`trainer.inject.NestedAdapter` handles that)."""
         if self.merged_rank is not None:
             raise RuntimeError(f"already merged at rank {self.merged_rank}; unmerge first")
-        if k > 0:
+        k = 0 if c is None else c.shape[0]
+        if k:
             w = self.base.weight
-            w += self.delta_weight(k, scaling).to(w.dtype)
+            w += self.delta_weight(c).to(w.dtype)
+        self._merged_c = c
         self.merged_rank = k
 
     @torch.no_grad()
-    def unmerge(self, scaling: str) -> None:
+    def unmerge(self) -> None:
         if self.merged_rank is None:
             return
         if self.merged_rank > 0:
             w = self.base.weight
-            w -= self.delta_weight(self.merged_rank, scaling).to(w.dtype)
-        self.merged_rank = None
+            w -= self.delta_weight(self._merged_c).to(w.dtype)
+        self.merged_rank = self._merged_c = None
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.base.in_features}, out={self.base.out_features}"

@@ -34,7 +34,7 @@ from trainer.train_state import read_training_state, restore_training_state, sav
 
 METRICS = "metrics.jsonl"
 # fields that may differ between a run and its --resume (all others must match to continue exactly)
-RESUME_FREE = ("out", "resume", "save_every", "device", "log_every", "progress")
+RESUME_FREE = ("out", "resume", "save_every", "device", "log_every", "progress", "inference_rule")
 
 
 @dataclass
@@ -50,11 +50,12 @@ class TrainConfig:
     scaling: str = "sqrt"  # none | rank | sqrt
     targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
     a_init: str = "peft"  # peft | reference (see trainer.nested)
+    inference_rule: str = "auto"  # how rank k is served: trained | paper | partial; auto → the method's
     lr: float = 1e-4  # AdamW peak learning rate (reference grid 5e-6…1e-3)
     weight_decay: float = 0.0  # the reference uses 0
     warmup_steps: int = 0  # linear warmup, then linear decay to 0
-    epochs: int = 1
-    max_steps: int | None = None  # stops early; the schedule spans min(max_steps, epochs × steps/epoch)
+    epochs: int = 1  # passes over the data, unless max_steps is given
+    max_steps: int | None = None  # when given, the run's length (overrides epochs, as transformers' Trainer)
     batch_size: int = 8  # per process, per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 512  # tokens; longer examples are cut (and counted)
@@ -86,7 +87,8 @@ class TrainConfig:
             problems.append(f"--lr must be a positive number, got {self.lr}")
         if self.rank >= 1:
             try:
-                AdapterConfig(r=self.rank, ranks=self.ranks, scaling=self.scaling)
+                AdapterConfig(r=self.rank, ranks=self.ranks, scaling=self.scaling,
+                              inference_rule=self.inference_rule)
             except ValueError as e:
                 problems.append(str(e))
         if problems:
@@ -94,7 +96,7 @@ class TrainConfig:
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(method=self.method, r=self.rank, ranks=self.ranks, scaling=self.scaling,
-                             target_modules=self.targets, a_init=self.a_init)
+                             target_modules=self.targets, a_init=self.a_init, inference_rule=self.inference_rule)
 
 
 # -- distributed setup --------------------------------------------------------------------------------
@@ -142,9 +144,8 @@ class DataPlan:
                 f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} × {d.world} processes); "
                 "lower --batch-size or give more data"
             )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        # --max-steps, when given, is the run's length and overrides --epochs (transformers' rule)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -211,13 +212,17 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # same adapter init on every process
     adapter = NestedAdapter.inject(model, cfg.adapter_config())
     n_train = adapter.num_trainable()
-    log(d, f"{cfg.method} adapter r={cfg.rank} R={adapter.config.ranks} scaling={cfg.scaling} on "
+    log(d, f"{cfg.method} adapter r={cfg.rank} R={adapter.config.ranks} scaling={cfg.scaling} "
+           f"inference rule={adapter.config.inference_rule} on "
            f"{len(adapter.layers)} modules: {n_train:,} trainable parameters "
            f"({100 * n_train / adapter.num_total():.2f}% of {adapter.num_total():,})")
 
     if cfg.resume:
         load_adapter_weights(Path(cfg.resume), adapter)
     plan = DataPlan(examples, cfg, d)
+    log(d, f"plan: {plan.total_steps} optimizer steps = {plan.total_steps / plan.steps_per_epoch:.3g} epochs of "
+           f"{plan.steps_per_epoch} steps ({plan.global_batch} examples per step"
+           + (", --max-steps overrides --epochs)" if cfg.max_steps is not None else ")"))
     params = adapter.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, plan.total_steps))
