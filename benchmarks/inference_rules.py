@@ -14,7 +14,7 @@ evaluates every checkpoint at every rank under every rule on two tasks:
   match, ``exact``) after training on the same facts; a new fact set per seed. The adapter sits
   on the last ``FACT_LAYERS`` decoder layers only, so that backward stops there (a 2-core CPU
   budget).
-* ``gsm8k``: a GSM8K subset (48 train records, 12 steps of 4, r = 16), answer NLL on the first
+* ``gsm8k``: a GSM8K subset (32 train records, 8 steps of 4, r = 16), answer NLL on the first
   16 test problems.
 
 Each cell is the mean over seeds with a 95% t-interval. Phases (resumable; finished steps are
@@ -42,7 +42,7 @@ SEEDS = (0, 1, 2)
 FACT_LAYERS = 8  # of SmolLM2-135M's 30
 TASKS = {
     "facts": dict(n_facts=32, rank=8, lr=3e-3, batch_size=16, epochs=40, warmup=4, max_length=64),
-    "gsm8k": dict(rank=16, lr=3e-3, batch_size=4, steps=12, warmup=2, max_length=256, train_limit=48,
+    "gsm8k": dict(rank=16, lr=3e-3, batch_size=4, steps=8, warmup=2, max_length=256, train_limit=32,
                   test_n=16),
 }
 

@@ -145,6 +145,6 @@ def tiny_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     from trainer.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-ckpt") / "ckpt"
-    train(TrainConfig(model=str(tiny_model_dir), rank=8, lr=2e-2, batch_size=4, max_length=64,
-                      limit=32, max_steps=4, progress=False, out=str(out)))
+    train(TrainConfig(model=str(tiny_model_dir), adapter=AdapterConfig(r=8), lr=2e-2, batch_size=4,
+                      max_length=64, limit=32, max_steps=4, progress=False, out=str(out)))
     return out

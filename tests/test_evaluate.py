@@ -308,9 +308,11 @@ def test_bad_input_exits_2_with_a_clear_message(two_checkpoints, tmp_path, capsy
 def test_eval_on_embedded_smollm2_writes_every_output(tmp_path):
     """Train a tiny rank-8 adapter on SmolLM2-135M, then evaluate 8 GSM8K test questions at ranks 0, 1, 8
     (every rank takes as long as the base model here; the tiny-model tests cover all of R)."""
+    from trainer.inject import AdapterConfig
     from trainer.train import TrainConfig, train
 
-    cfg = TrainConfig(model="smollm2-135m", data=str(GSM8K / "train.jsonl"), limit=8, max_steps=2, rank=8,
+    cfg = TrainConfig(model="smollm2-135m", data=str(GSM8K / "train.jsonl"), limit=8, max_steps=2,
+                      adapter=AdapterConfig(r=8),
                       batch_size=4, max_length=96, progress=False, out=str(tmp_path / "smol"))
     train(cfg)
     t0 = time.perf_counter()

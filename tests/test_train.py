@@ -14,14 +14,15 @@ from safetensors.torch import load_file
 
 from conftest import GSM8K, load_tiny
 from trainer.checkpoint import ADAPTER_WEIGHTS, load_adapter, read_meta
+from trainer.inject import AdapterConfig
 from trainer.train import TrainConfig, train
 
 
-def run(tmp_path, tiny_model_dir, name, **kw) -> TrainConfig:
-    opts = dict(model=str(tiny_model_dir), rank=8, lr=5e-3, batch_size=4, max_length=64, limit=64,
+def run(tmp_path, tiny_model_dir, name, method="matryoshka", **kw) -> TrainConfig:
+    opts = dict(model=str(tiny_model_dir), lr=5e-3, batch_size=4, max_length=64, limit=64,
                 max_steps=6, progress=False, out=str(tmp_path / name))
     opts.update(kw)
-    cfg = TrainConfig(**opts)
+    cfg = TrainConfig(adapter=AdapterConfig(method=method, r=8), **opts)
     train(cfg)
     return cfg
 
@@ -32,6 +33,23 @@ def test_max_steps_overrides_epochs_and_the_plan_is_printed(tmp_path, tiny_model
     run(tmp_path, tiny_model_dir, "long", limit=16, max_steps=12)
     assert len(losses(tmp_path / "long")) == 12 and read_meta(tmp_path / "long")["step"] == 12
     assert "plan: 12 optimizer steps = 3 epochs of 4 steps" in capsys.readouterr().out
+
+
+def test_training_flags_are_generated_from_the_config_fields():
+    """One definition per option: every TrainConfig / AdapterConfig field is a flag whose
+    default and choices come from the field, and the parsed flags rebuild the config."""
+    from trainer.cli import build_parser
+    from trainer.flags import flag_values
+
+    args = build_parser().parse_args(["train", "--out", "x", "--rank", "16", "--targets", "re:.*q_proj",
+                                      "--ranks", "1,4,16", "--no-progress"])
+    cfg = TrainConfig.from_flags(flag_values(TrainConfig, args))
+    assert cfg == TrainConfig(out="x", progress=False, adapter=AdapterConfig(r=16, ranks=[1, 4, 16],
+                                                                             target_modules=".*q_proj"))
+    defaults = TrainConfig.from_flags(flag_values(TrainConfig, build_parser().parse_args(["train", "--out", "x"])))
+    assert defaults == TrainConfig(out="x")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--out", "x", "--method", "svd"])  # svd is nested, not trained
 
 
 def losses(folder) -> list[float]:
@@ -98,7 +116,7 @@ def test_training_lowers_the_loss_and_the_checkpoint_serves_every_rank(tmp_path,
     assert sum(seq[-4:]) / 4 < sum(seq[:4]) / 4 - 0.1
     model, _ = load_tiny(tiny_model_dir)
     adapter, meta = load_adapter(cfg.out, model)
-    assert meta["training"]["method"] == "matryoshka" and meta["data"]["examples"] == 256
+    assert meta["training"]["adapter"]["method"] == "matryoshka" and meta["data"]["examples"] == 256
     ids = torch.arange(5, 25).unsqueeze(0)
     outs = {}
     for k in [0, *meta["ranks"]]:
@@ -138,7 +156,7 @@ def test_too_little_data_for_one_batch_names_the_flags(tmp_path, tiny_model_dir)
 def test_real_run_on_embedded_smollm2_with_gsm8k(tmp_path):
     """SmolLM2-135M on 16 GSM8K examples: the loss goes down and the checkpoint loads."""
     cfg = TrainConfig(model="smollm2-135m", data=str(GSM8K / "train.jsonl"), limit=16, max_length=96,
-                      method="matryoshka", rank=8, lr=2e-3, batch_size=4, epochs=3, progress=False,
+                      adapter=AdapterConfig(method="matryoshka", r=8), lr=2e-3, batch_size=4, epochs=3, progress=False,
                       out=str(tmp_path / "smol"))
     train(cfg)
     seq = losses(tmp_path / "smol")

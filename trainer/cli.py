@@ -10,28 +10,12 @@ from dataclasses import fields
 
 from trainer.checkpoint import CheckpointError, describe, read_meta
 from trainer.data import DataError
-from trainer.inject import DEFAULT_TARGETS
-from trainer.nested import INFERENCE_RULES, SCALINGS, TRAIN_METHODS
+from trainer.flags import add_flags, flag_values, int_list
+from trainer.nested import INFERENCE_RULES, SCALINGS
+from trainer.train import TrainConfig
 
 RULE_HELP = ("how rank k is served: trained (c_k = p[:k], the training forward's coefficients), "
              "paper (s(k)·1ₖ, the paper's rule) or partial (Σ_{j≤k} s(j)·1ⱼ)")
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4,8; got {text!r}") from e
-
-
-def targets_arg(text: str) -> list[str] | str:
-    """``q_proj,v_proj`` (names) or ``re:<regex>`` (full-match on module paths)."""
-    if text.startswith("re:"):
-        return text[3:]
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("--targets needs module names like q_proj,v_proj or re:<regex>")
-    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,37 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train LoRA / DyLoRA / MatryoshkaLoRA and write a servable checkpoint")
-    t.add_argument("--model", default="smollm2-135m", help="local HF folder, hub id, or smollm2-135m (embedded)")
-    t.add_argument("--data", help="JSONL: {question,answer} | {messages} | {prompt,completion}; "
-                   "omitted: a generated arithmetic demo set")
-    t.add_argument("--method", choices=TRAIN_METHODS, default="matryoshka")
-    t.add_argument("--rank", type=int, default=64, help="r, the max rank (default 64)")
-    t.add_argument("--ranks", type=int_list, default=[], help="R, e.g. 1,2,4,8 (default: powers of two up to r)")
-    t.add_argument("--scaling", choices=SCALINGS, default="sqrt", help="s(k): 1, 1/k or 1/sqrt(k)")
-    t.add_argument("--targets", type=targets_arg, default=list(DEFAULT_TARGETS),
-                   help=f"module names (default {','.join(DEFAULT_TARGETS)}) or re:<regex>")
-    t.add_argument("--a-init", choices=("peft", "reference"), default="peft",
-                   help="A's kaiming-uniform fan-in: in_features (peft) or r (reference code)")
-    t.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES), default="auto",
-                   help=RULE_HELP + "; auto: trained for matryoshka, paper otherwise")
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--max-length", type=int, default=512)
-    t.add_argument("--limit", type=int, help="use only the first N examples")
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--clip", type=float, default=1.0, help="max gradient norm; 0 disables")
-    t.add_argument("--save-every", type=int, default=0, help="steps between periodic checkpoints (OUT/step-N)")
-    t.add_argument("--log-every", type=int, default=1)
-    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    t.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
-    t.add_argument("--out", required=True, help="checkpoint folder to write")
-    t.add_argument("--resume", help="checkpoint folder (with training state) to continue from")
-    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_flags(t, TrainConfig)  # one flag per TrainConfig / AdapterConfig field, help and default from it
 
     i = sub.add_parser("info", help="show a checkpoint's metadata and the p vector its method implies")
     i.add_argument("ckpt")
@@ -116,11 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.train import TrainConfig, train
+    from trainer.train import train
 
-    names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    train(cfg)
+    train(TrainConfig.from_flags(flag_values(TrainConfig, args)))
     return 0
 
 

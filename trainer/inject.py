@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import nn
 
+from trainer.flags import int_list, targets_arg
 from trainer.nested import (
     INFERENCE_RULES,
+    AInit,
     AdapterState,
+    InferenceRule,
+    Method,
+    Scaling,
+    TRAIN_METHODS,
     NestedLoRALinear,
     check_coeff_table,
     coeff_table,
@@ -28,18 +35,26 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped by Pe
 class AdapterConfig:
     """What the adapter is; stored in the checkpoint's ``matryoshka.json``."""
 
-    method: str = "matryoshka"  # lora | dylora | matryoshka (svd: nested post hoc by `trainer nest`)
-    r: int = 64  # max rank (the bottleneck); A is (r, in), B is (out, r)
-    ranks: list[int] = field(default_factory=list)  # R; empty → powers of two below r, then r
-    scaling: str = "sqrt"  # s(k): none → 1, rank → 1/k, sqrt → 1/√k (the reference runs' choice)
-    # module-name suffixes (a list) or one regex that must match the full module name (a str)
-    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    a_init: str = "peft"  # peft: kaiming fan-in = in_features; reference: fan-in = r
-    # how rank k is served (trainer.nested): trained | paper | partial; auto → the method's default
-    inference_rule: str = "auto"
+    method: Method = field(default="matryoshka", metadata={
+        "choices": TRAIN_METHODS, "help": "lora, dylora or matryoshka: the same layer with a different coefficient vector "
+                "(svd: nested after training by `trainer nest`)"})
+    r: int = field(default=64, metadata={"flag": "--rank", "help": "r, the max rank: A is (r, in), B is (out, r)"})
+    ranks: list[int] = field(default_factory=list, metadata={
+        "parse": int_list, "help": "R, e.g. 1,2,4,8 (default: powers of two below r, then r)"})
+    scaling: Scaling = field(default="sqrt", metadata={
+        "help": "s(k): none → 1, rank → 1/k, sqrt → 1/√k (the reference runs' choice)"})
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS), metadata={
+        "flag": "--targets", "parse": targets_arg,
+        "help": "module-name suffixes (q_proj,v_proj) or re:<regex> that must match full module paths"})
+    a_init: AInit = field(default="peft", metadata={
+        "help": "A's kaiming-uniform fan-in: in_features (peft) or r (reference, the authors' code)"})
+    inference_rule: Literal["auto"] | InferenceRule = field(default="auto", metadata={
+        "help": "how rank k is served: trained (c_k = p[:k], the training forward's coefficients), "
+                "paper (s(k)·1ₖ, the paper's rule) or partial (Σ_{j≤k} s(j)·1ⱼ); auto: trained for "
+                "matryoshka, paper otherwise"})
     # {k: c_k} for every k ∈ R; empty → computed from the rule. A stored table is authoritative
     # (an export folds its coefficients into A, and no rule reproduces its table then)
-    coeffs: dict[int, list[float]] = field(default_factory=dict)
+    coeffs: dict[int, list[float]] = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         self.ranks = validate_ranks(list(self.ranks), self.r) if self.ranks else default_ranks(self.r)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,54 +27,74 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import load_adapter_weights, save_adapter
 from trainer.data import IGNORE, Example, collate, load_examples
-from trainer.inject import DEFAULT_TARGETS, AdapterConfig, NestedAdapter
+from trainer.flags import flag_of
+from trainer.inject import AdapterConfig, NestedAdapter
 from trainer.models import load_model, resolve_device, resolve_dtype
 from trainer.nested import TRAIN_METHODS
 from trainer.train_state import read_training_state, restore_training_state, save_training_state
 
 METRICS = "metrics.jsonl"
 # fields that may differ between a run and its --resume (all others must match to continue exactly)
-RESUME_FREE = ("out", "resume", "save_every", "device", "log_every", "progress", "inference_rule")
+RESUME_FREE = ("out", "resume", "save_every", "device", "log_every", "progress", "inference_rule", "coeffs")
+
+
+def _opt(default, help: str, **meta):
+    """A field with its help text (the ``trainer train`` flag is generated from it)."""
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class TrainConfig:
-    """Every option of ``trainer train``; stored in the checkpoint as ``training``."""
+    """Every option of ``trainer train`` (its flags are generated from these fields:
+    :mod:`trainer.flags`); stored in the checkpoint as ``training``."""
 
-    out: str = "runs/demo"  # checkpoint folder (servable); periodic ones go to OUT/step-NNNNNN
-    model: str = "smollm2-135m"  # local HF folder, hub id, or an embedded alias
-    data: str | None = None  # JSONL; None → the generated arithmetic demo set
-    method: str = "matryoshka"  # lora | dylora | matryoshka
-    rank: int = 64  # r, the max rank
-    ranks: list[int] = field(default_factory=list)  # R; empty → 1, 2, 4, …, r
-    scaling: str = "sqrt"  # none | rank | sqrt
-    targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    a_init: str = "peft"  # peft | reference (see trainer.nested)
-    inference_rule: str = "auto"  # how rank k is served: trained | paper | partial; auto → the method's
-    lr: float = 1e-4  # AdamW peak learning rate (reference grid 5e-6…1e-3)
-    weight_decay: float = 0.0  # the reference uses 0
-    warmup_steps: int = 0  # linear warmup, then linear decay to 0
-    epochs: int = 1  # passes over the data, unless max_steps is given
-    max_steps: int | None = None  # when given, the run's length (overrides epochs, as transformers' Trainer)
-    batch_size: int = 8  # per process, per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_length: int = 512  # tokens; longer examples are cut (and counted)
-    limit: int | None = None  # use only the first N examples
-    seed: int = 42
-    clip: float = 1.0  # max gradient norm (0 disables)
-    save_every: int = 0  # steps between periodic checkpoints (0: only the final one)
-    log_every: int = 1
-    device: str = "auto"
-    dtype: str = "auto"  # bf16 on CUDA (autocast), fp32 on CPU
-    resume: str | None = None  # a checkpoint folder with training state
-    progress: bool = True
+    out: str = _opt("runs/demo", "checkpoint folder to write (servable); periodic ones go to OUT/step-NNNNNN",
+                    required=True)
+    model: str = _opt("smollm2-135m", "local HF folder, hub id, or smollm2-135m (embedded)")
+    data: str | None = _opt(None, "JSONL: {question,answer} | {messages} | {prompt,completion}; "
+                                  "omitted: a generated arithmetic demo set")
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # --method, --rank, --ranks, …
+    lr: float = _opt(1e-4, "AdamW peak learning rate (reference grid 5e-6…1e-3)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (the reference uses 0)")
+    warmup_steps: int = _opt(0, "linear warmup steps, then linear decay to 0")
+    epochs: int = _opt(1, "passes over the data, unless --max-steps is given")
+    max_steps: int | None = _opt(None, "the run's length in optimizer steps; overrides --epochs "
+                                       "(as transformers' Trainer)")
+    batch_size: int = _opt(8, "examples per micro-batch per process")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    max_length: int = _opt(512, "tokens; longer examples are cut (and counted)")
+    limit: int | None = _opt(None, "use only the first N examples")
+    seed: int = _opt(42, "adapter init, data order and DyLoRA's rank draws")
+    clip: float = _opt(1.0, "max gradient norm; 0 disables")
+    save_every: int = _opt(0, "steps between periodic checkpoints (OUT/step-N); 0: only the final one")
+    log_every: int = _opt(1, "steps between progress-bar updates")
+    device: str = _opt("auto", "auto | cpu | cuda")
+    dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    resume: str | None = _opt(None, "checkpoint folder (with training state) to continue from")
+    progress: bool = _opt(True, "no progress bar", flag="--no-progress")
 
-    def validate(self) -> None:
-        """Collect every bad option into one error that names the flags."""
+    @classmethod
+    def from_flags(cls, values: dict) -> "TrainConfig":
+        """From :func:`trainer.flags.flag_values`: every bad option, the adapter's included, is
+        reported in one error."""
+        values = dict(values)
+        problems: list[str] = []
+        try:
+            adapter = AdapterConfig(**values.pop("adapter"))
+        except ValueError as e:
+            problems.append(str(e))
+            adapter = AdapterConfig(r=1)  # a stand-in, so that the other options are checked too
+        cfg = cls(adapter=adapter, **values)
+        problems += cfg.problems()
+        if problems:
+            raise ValueError("invalid training options:\n  " + "\n  ".join(problems))
+        return cfg
+
+    def problems(self) -> list[str]:
         problems = []
-        if self.method not in TRAIN_METHODS:
-            problems.append(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
-        for flag, value, low in [("--rank", self.rank, 1), ("--epochs", self.epochs, 1),
+        if self.adapter.method not in TRAIN_METHODS:
+            problems.append(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.adapter.method!r}")
+        for flag, value, low in [("--epochs", self.epochs, 1),
                                  ("--batch-size", self.batch_size, 1), ("--grad-accum", self.grad_accum, 1),
                                  ("--max-length", self.max_length, 2), ("--save-every", self.save_every, 0),
                                  ("--warmup-steps", self.warmup_steps, 0), ("--log-every", self.log_every, 1)]:
@@ -85,18 +105,13 @@ class TrainConfig:
                 problems.append(f"{flag} must be >= 1, got {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr must be a positive number, got {self.lr}")
-        if self.rank >= 1:
-            try:
-                AdapterConfig(r=self.rank, ranks=self.ranks, scaling=self.scaling,
-                              inference_rule=self.inference_rule)
-            except ValueError as e:
-                problems.append(str(e))
+        return problems
+
+    def validate(self) -> None:
+        """Collect every bad option into one error that names the flags."""
+        problems = self.problems()
         if problems:
             raise ValueError("invalid training options:\n  " + "\n  ".join(problems))
-
-    def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(method=self.method, r=self.rank, ranks=self.ranks, scaling=self.scaling,
-                             target_modules=self.targets, a_init=self.a_init, inference_rule=self.inference_rule)
 
 
 # -- distributed setup --------------------------------------------------------------------------------
@@ -181,10 +196,26 @@ def linear_schedule(warmup: int, total: int):
     return factor
 
 
+def _comparable(config: dict) -> dict:
+    """A stored ``training`` dict, flat, with the adapter as AdapterConfig resolves it (R filled in);
+    older checkpoints kept the adapter's fields flat as rank/ranks/…/targets."""
+    config = dict(config)
+    adapter = config.pop("adapter", None)
+    if adapter is None:  # before TrainConfig embedded AdapterConfig
+        names = {"method": "method", "rank": "r", "ranks": "ranks", "scaling": "scaling",
+                 "targets": "target_modules", "a_init": "a_init"}
+        adapter = {new: config.pop(old) for old, new in names.items() if old in config}
+    adapter = {k: v for k, v in adapter.items() if k not in ("coeffs", "inference_rule")}
+    config.pop("inference_rule", None)
+    return {**config, **AdapterConfig(**adapter).to_dict()}
+
+
 def check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
-    now = asdict(cfg)
-    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
-             for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+    now, then = _comparable(asdict(cfg)), _comparable(saved)
+    flags = {**{f.name: flag_of(AdapterConfig, f.name) for f in fields(AdapterConfig)},
+             **{f.name: flag_of(TrainConfig, f.name) for f in fields(TrainConfig)}}
+    diffs = [f"{flags.get(k, k)}: checkpoint {then.get(k)!r}, now {now[k]!r}"
+             for k in now if k not in RESUME_FREE and then.get(k) != now[k]]
     if diffs:
         raise ValueError(f"--resume {where}: these options differ from the run that wrote it, so it "
                          "cannot continue exactly (pass the original values):\n  " + "\n  ".join(diffs))
@@ -210,10 +241,10 @@ def train(cfg: TrainConfig) -> Path:
     examples, report = load_examples(cfg.data, tok, cfg.max_length, cfg.limit)
     log(d, report.summary())
     torch.manual_seed(cfg.seed)  # same adapter init on every process
-    adapter = NestedAdapter.inject(model, cfg.adapter_config())
+    adapter = NestedAdapter.inject(model, cfg.adapter)
     n_train = adapter.num_trainable()
-    log(d, f"{cfg.method} adapter r={cfg.rank} R={adapter.config.ranks} scaling={cfg.scaling} "
-           f"inference rule={adapter.config.inference_rule} on "
+    a = adapter.config
+    log(d, f"{a.method} adapter r={a.r} R={a.ranks} scaling={a.scaling} inference rule={a.inference_rule} on "
            f"{len(adapter.layers)} modules: {n_train:,} trainable parameters "
            f"({100 * n_train / adapter.num_total():.2f}% of {adapter.num_total():,})")
 
@@ -241,14 +272,14 @@ def train(cfg: TrainConfig) -> Path:
     metrics = _open_metrics(out, start, d)
     meta_extra = {"training": asdict(cfg), "data": asdict(report)}
     bar = tqdm(total=plan.total_steps, initial=start, disable=not (d.main and cfg.progress),
-               desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
+               desc=f"train {cfg.adapter.method}", unit="step", dynamic_ncols=True)
     model.train()
     t0, tokens = time.perf_counter(), 0
     for step in range(start, plan.total_steps):
         micro, n_targets = plan.step(step)
         loss_sum = torch.zeros((), device=device)
         for m, batch in enumerate(micro):
-            if cfg.method == "dylora":
+            if cfg.adapter.method == "dylora":
                 ranks = adapter.config.ranks
                 adapter.set_training_coeffs(ranks[int(torch.randint(len(ranks), (1,), generator=sampler))])
             else:
@@ -286,7 +317,7 @@ def train(cfg: TrainConfig) -> Path:
     if d.main:
         metrics.close()
     log(d, f"checkpoint written to {out}")
-    adapter.set_rank(cfg.rank)
+    adapter.set_rank(cfg.adapter.r)
     model.eval()
     return out
 
