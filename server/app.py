@@ -23,7 +23,7 @@ from server.controller import ControllerConfig
 from server.engine import Engine, EngineConfig
 from server.merging import AutoMerge
 from server.deps import accepting, app_state, authorised
-from server.errors import PayloadTooLarge, ServingError
+from server.errors import EngineDead, InvalidRequest, PayloadTooLarge, ServingError
 from server.metrics import Metrics
 from server.protocol import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, RankInfo, StreamChunk
 from server.protocol import Timings, Usage
@@ -101,9 +101,11 @@ def load_state(settings: ServerSettings) -> AppState:
     cluster = ClusterSignals(settings.prometheus_url) if settings.prometheus_url else None
     controller = RankController(cfg, metrics, throughput, cluster)
     engine = Engine(runner, tok,
-                    EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context),
+                    EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context,
+                                 settings.step_timeout_s),
                     ranks, auto_rank=lambda: controller.rank, on_step=metrics.record, on_tick=controller.tick,
-                    auto_merge=auto_merge)
+                    auto_merge=auto_merge, on_stall=metrics.record_stall)
+    metrics.watch(engine)
     return AppState(settings, Serving(engine, tok, settings, ranks), engine, metrics, meta, controller, throughput)
 
 
@@ -129,6 +131,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         too_big = PayloadTooLarge(f"the request body exceeds {self.limit} bytes (--max-body-bytes)")
+        if length is not None and not length.isdigit():
+            bad = InvalidRequest(f"Content-Length must be a number of bytes, got {length[:40]!r}")
+            return await _error(400, bad.type, bad.message)(scope, receive, send)
         if length is not None and int(length) > self.limit:
             return await error_response(too_big)(scope, receive, send)
         seen = 0
@@ -196,15 +201,24 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         log.exception("unexpected error")
         return _error(500, "server_error", f"internal error: {type(exc).__name__}")
 
-    @app.get("/health")
-    async def health():
+    @app.get("/health", responses={503: {"model": ErrorBody}})
+    async def health(request: Request):
+        """Liveness: 200 while loading and serving; 503 once the engine stopped, its thread is
+        gone, or a step runs past --step-timeout-s (an orchestrator then restarts the process)."""
+        s = getattr(request.app.state, "mlora", None)
+        problem = None if s is None else s.engine.health()
+        if problem is not None:
+            return _error(503, EngineDead.type, problem)
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready(request: Request):
+        """Readiness: true only while loaded, not draining, and the engine is healthy."""
         s = getattr(request.app.state, "mlora", None)
-        ok = s is not None and s.ready and not s.draining
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        problem = None if s is None else s.engine.health()
+        ok = s is not None and s.ready and not s.draining and problem is None
+        body = {"ready": ok} if ok else {"ready": False, "reason": problem or ("draining" if s else "loading")}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request):

@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import Draining, Unauthorized
+from server.errors import Draining, EngineDead, Unauthorized
 
 
 def app_state(request: Request):
@@ -28,6 +28,8 @@ async def authorised(request: Request) -> None:
 async def accepting(request: Request):
     """The app state, if new requests are accepted (not starting, not draining): else 503."""
     s = getattr(request.app.state, "mlora", None)
+    if s is not None and s.engine.dead is not None:
+        raise EngineDead(f"the engine stopped: {s.engine.dead}; this replica must be restarted")
     if s is None or s.draining or not s.ready:
         raise Draining("the server is not accepting requests (starting or shutting down); retry elsewhere")
     return s

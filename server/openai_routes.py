@@ -8,6 +8,7 @@ the base model's own name) the base model.
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,7 +42,7 @@ def rank_for(request: Request, body: _OpenAIBase) -> int | str:
     names = served_names(request)
     serving = app_state(request).serving
     prefix = app_state(request).settings.served_name + "@"
-    if body.model not in names and body.model.startswith(prefix) and body.model[len(prefix):].isdigit():
+    if body.model not in names and re.fullmatch(re.escape(prefix) + "[0-9]+", body.model):
         return serving.resolve_rank(int(body.model[len(prefix):]))  # 422 naming the valid ranks
     if body.model not in names:
         raise ModelNotFound(f"model {body.model!r} is not served here; available: {sorted(names, key=str)}",
@@ -71,7 +72,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, s=Depe
     if body.messages[-1].role == "assistant":
         raise InvalidRequest("the last message must not be the assistant's: there is nothing to answer",
                              param="messages")
-    ids = serving.encode_chat([m.model_dump() for m in body.messages])
+    ids = serving.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
     n = body.max_completion_tokens or body.max_tokens
     sub = serving.submit(ids, rank_for(request, body), body.sampling(serving.max_new_tokens(n)), body.timeout,
                          elastic=body.rank_policy == "elastic", stream=body.stream)
@@ -82,7 +83,7 @@ async def _respond(serving: Serving, sub: Submission, body: _OpenAIBase, request
     rid = openai_id("chatcmpl" if chat else "cmpl")
     if body.stream:
         first = await serving.start(sub, request.is_disconnected)
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_chunks(serving, sub, body.model, rid, chat, include_usage),
                                  media_type="text/event-stream", headers={"X-Rank": str(first.rank)})
     try:
