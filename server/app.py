@@ -120,6 +120,15 @@ def _error(status: int, type_: str, message: str, param: str | None = None) -> J
                         status_code=status)
 
 
+def _field_path(loc) -> str:
+    """``("body", "rank", "literal['auto']")`` → ``rank``: field names and list indices only
+    (pydantic adds the union member it tried; the client never wrote that)."""
+    return ".".join(str(p) for p in loc[1:] if isinstance(p, int) or str(p).isidentifier() and p not in _TAGS)
+
+
+_TAGS = {"int", "str", "float", "bool", "list", "dict", "none"}
+
+
 class BodyLimit:
     """ASGI middleware: bodies over ``limit`` bytes get 413 before any handler reads them."""
 
@@ -186,8 +195,8 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
     async def _validation_error(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+        param = _field_path(first.get("loc", ())) or None
+        msg = "; ".join(f"{_field_path(e.get('loc', ())) or 'body'}: {e.get('msg')}"
                         + (f" (got {e['input']!r:.60})" if "input" in e and e.get("type") != "missing" else "")
                         for e in errs)
         return _error(422, "invalid_request_error", msg, param)

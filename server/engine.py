@@ -220,8 +220,8 @@ class Engine:
         return stats
 
     def _schedule(self, stats: StepStats) -> list[GenerationRequest]:
-        now = time.monotonic()
-        with self._cv:
+        with self._cv:  # the clock read under the lock: every request seen was queued before it
+            now = time.monotonic()
             aborted, self._aborted = self._aborted, set()
             stats.arrivals, self._arrivals = self._arrivals, 0
             kept = collections.deque()

@@ -43,7 +43,7 @@ def rank_for(request: Request, body: _OpenAIBase) -> int | str:
     serving = app_state(request).serving
     prefix = app_state(request).settings.served_name + "@"
     if body.model not in names and re.fullmatch(re.escape(prefix) + "[0-9]+", body.model):
-        return serving.resolve_rank(int(body.model[len(prefix):]))  # 422 naming the valid ranks
+        return serving.resolve_rank(int(body.model[len(prefix):]), param="model")  # 422 naming the valid ranks
     if body.model not in names:
         raise ModelNotFound(f"model {body.model!r} is not served here; available: {sorted(names, key=str)}",
                             param="model")
@@ -61,7 +61,7 @@ async def models(request: Request):
 async def completions(body: CompletionRequest, request: Request, s=Depends(accepting)):
     serving: Serving = s.serving
     sub = serving.submit(serving.encode_prompt(body.prompt), rank_for(request, body),
-                         body.sampling(serving.max_new_tokens(body.max_tokens)), body.timeout,
+                         body.sampling(serving.max_new_tokens(body.max_tokens, "max_tokens")), body.timeout,
                          elastic=body.rank_policy == "elastic", stream=body.stream)
     return await _respond(serving, sub, body, request, chat=False)
 
@@ -73,8 +73,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, s=Depe
         raise InvalidRequest("the last message must not be the assistant's: there is nothing to answer",
                              param="messages")
     ids = serving.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
-    n = body.max_completion_tokens or body.max_tokens
-    sub = serving.submit(ids, rank_for(request, body), body.sampling(serving.max_new_tokens(n)), body.timeout,
+    n, param = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens \
+        else (body.max_tokens, "max_tokens")
+    sub = serving.submit(ids, rank_for(request, body), body.sampling(serving.max_new_tokens(n, param)), body.timeout,
                          elastic=body.rank_policy == "elastic", stream=body.stream)
     return await _respond(serving, sub, body, request, chat=True)
 

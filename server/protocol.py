@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 INT64 = (-2**63, 2**63 - 1)  # torch.Generator.manual_seed takes a 64-bit seed
 MAX_STOPS, MAX_STOP_CHARS = 8, 64  # each generated token is checked against every stop's prefixes
@@ -31,8 +31,12 @@ def _unicode(s: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
-Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
-Stop = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_unicode)]
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
+
+
+def _one_or_many(v):
+    return [v] if isinstance(v, str) else v
 RankField = int | Literal["auto"]
 
 
@@ -44,17 +48,12 @@ class _Sampling(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = no top-k cut")
-    stop: Annotated[list[Stop], Field(max_length=MAX_STOPS)] | Stop | None = Field(
-        None, description=f"stop strings (not included in the text): up to {MAX_STOPS}, "
-        f"1 to {MAX_STOP_CHARS} characters each")
+    stop: Annotated[list[Stop], Field(max_length=MAX_STOPS), BeforeValidator(_one_or_many)] | None = Field(
+        None, description=f"stop strings (not included in the text): one string or a list of up to "
+        f"{MAX_STOPS}, 1 to {MAX_STOP_CHARS} characters each")
     seed: int | None = Field(None, ge=INT64[0], le=INT64[1], description="reproducible sampling (64-bit)")
     stream: bool = False
     ignore_eos: bool = Field(False, description="generate exactly the maximum number of tokens")
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        return [v] if isinstance(v, str) else (v or [])
 
     def sampling(self, max_new_tokens: int):
         """The engine's SamplingParams (imported here: the client uses this module without torch)."""

@@ -45,19 +45,19 @@ class Serving:
         self.ranks = ranks  # R (without 0)
 
     # -- request building ----------------------------------------------------------------------------
-    def resolve_rank(self, rank: int | str | None) -> int | str:
+    def resolve_rank(self, rank: int | str | None, param: str = "rank") -> int | str:
         rank = self.settings.default_rank if rank is None else rank
         if rank != AUTO and rank not in (0, *self.ranks):
             raise InvalidRequest(f"rank {rank!r} is not served; valid ranks are {[0, *self.ranks]} or 'auto'",
-                                 param="rank")
+                                 param=param)
         return rank
 
-    def max_new_tokens(self, asked: int | None) -> int:
+    def max_new_tokens(self, asked: int | None, param: str = "max_new_tokens") -> int:
         limit = self.settings.max_new_tokens_limit
         n = min(128, limit) if asked is None else asked
         if n > limit:
-            raise InvalidRequest(f"max_new_tokens {n} exceeds this server's limit of {limit} "
-                                 "(--max-new-tokens-limit)", param="max_new_tokens")
+            raise InvalidRequest(f"{param} {n} exceeds this server's limit of {limit} "
+                                 "(--max-new-tokens-limit)", param=param)
         return n
 
     def encode_prompt(self, text: str) -> list[int]:
