@@ -16,13 +16,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.control import ClusterSignals, RankController, calibrate
 from server.controller import ControllerConfig
 from server.engine import Engine, EngineConfig
 from server.merging import AutoMerge
-from server.deps import accepting, app_state, authorised
+from server.deps import accepting, app_state, authorised, key_ok
 from server.errors import EngineDead, InvalidRequest, PayloadTooLarge, ServingError
 from server.metrics import Metrics
 from server.protocol import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, RankInfo, StreamChunk
@@ -161,6 +162,25 @@ class BodyLimit:
             await error_response(e)(scope, receive, send)
 
 
+GENERATION_PATHS = {"/generate", "/v1/completions", "/v1/chat/completions"}
+
+
+class ShedLoad:
+    """ASGI middleware: while the queue is full, generation requests get 429 before their body is
+    read, parsed or tokenised. Under overload most requests are refused; refusing them cheaply
+    keeps the CPU (and the GIL) for the engine (benchmarks/overload.txt)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        state = getattr(scope.get("app").state, "mlora", None) if scope["type"] == "http" else None
+        if (state is not None and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+                and state.engine.queue_full() and key_ok(state.settings.api_key, Headers(scope=scope))):
+            return await error_response(state.engine.overloaded())(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAPI:
     """The app. ``state`` lets tests inject a prepared engine; otherwise the lifespan loads one."""
 
@@ -186,6 +206,7 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
     app = FastAPI(title="matryoshka-lora server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(ShedLoad)  # added last: runs first
 
     @app.exception_handler(ServingError)
     async def _serving_error(request: Request, exc: ServingError):

@@ -14,14 +14,18 @@ def app_state(request: Request):
     return request.app.state.mlora
 
 
+def key_ok(key: str | None, headers) -> bool:
+    """True without ``--api-key``; else whether ``headers`` carry it (``Authorization: Bearer
+    KEY`` or ``X-API-Key: KEY``)."""
+    if not key:
+        return True
+    given = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("x-api-key", "")
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
 async def authorised(request: Request) -> None:
     """With ``--api-key``: require ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``)."""
-    key = request.app.state.settings.api_key
-    if not key:
-        return
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-        or request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    if not key_ok(request.app.state.settings.api_key, request.headers):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 

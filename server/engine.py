@@ -94,9 +94,8 @@ class Engine:
                 raise EngineDead(f"the engine stopped: {self.dead}; this replica must be restarted")
             if self.draining:
                 raise Draining("the server is shutting down; retry on another replica")
-            if len(self._waiting) >= self.config.max_queue:
-                raise Overloaded(f"{len(self._waiting)} requests are waiting (limit --max-queue "
-                                 f"{self.config.max_queue}); retry later", retry_after=1.0)
+            if self.queue_full():
+                raise self.overloaded()
             req.id = req.id or f"req-{next(self._ids)}"
             self._waiting.append(req)
             self._arrivals += 1
@@ -108,6 +107,13 @@ class Engine:
         with self._cv:
             self._aborted.add(request_id)
             self._cv.notify()
+
+    def queue_full(self) -> bool:
+        return len(self._waiting) >= self.config.max_queue
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(f"{len(self._waiting)} requests are waiting (limit --max-queue "
+                          f"{self.config.max_queue}); retry later", retry_after=1.0)
 
     @property
     def queue_depth(self) -> int:

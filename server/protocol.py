@@ -66,6 +66,10 @@ class _Sampling(_Strict):
 
 # -- native API ---------------------------------------------------------------------------------------
 class GenerateRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Question: Ada has 12 apples and gets 7 more. How many?\nAnswer: ", "rank": 4,
+         "max_new_tokens": 4}]})
+
     prompt: Text = Field(min_length=1)
     rank: RankField | None = Field(None, description="a rank in {0} ∪ R, or 'auto'; default: the server's")
     rank_policy: Literal["fixed", "elastic"] = Field(
@@ -147,6 +151,9 @@ class _OpenAIBase(_Sampling):
 
 
 class CompletionRequest(_OpenAIBase):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "mlora@4", "prompt": "Ada has",
+                                                               "max_tokens": 4}]})
+
     prompt: Text | list[Text]
     echo: bool = Field(False, description="not supported: must be false")
 
@@ -176,6 +183,9 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_OpenAIBase):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "mlora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}]})
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
 
