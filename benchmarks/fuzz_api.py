@@ -6,7 +6,7 @@ documented deadline 504; the server is healthy and serves afterwards. tests/test
 the same on a budget. schemathesis runs from its own venv (``.venv-fuzz``, made by .ci/run):
 
     python3 -m venv .venv-fuzz && .venv-fuzz/bin/pip install schemathesis==4.32.5
-    python benchmarks/fuzz_api.py [--model smollm2-135m] [--examples 100] | tee benchmarks/fuzz_api.txt
+    python benchmarks/fuzz_api.py [--model smollm2-135m] [--examples 300] | tee benchmarks/fuzz_api.txt
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--adapter", help="checkpoint folder (default: an untrained r=16 adapter)")
-    ap.add_argument("--examples", type=int, default=100, help="schemathesis --max-examples per operation")
+    ap.add_argument("--examples", type=int, default=300, help="schemathesis --max-examples per operation")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--schemathesis", default=str(ROOT / ".venv-fuzz" / "bin" / "schemathesis"))
     args = ap.parse_args()
