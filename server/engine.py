@@ -32,12 +32,12 @@ from typing import Callable
 import torch
 
 from server import isolation
-from server.engine_types import AUTO, EngineConfig, Event, GenerationRequest, RankPolicy, StepStats, Row
+from server.engine_types import AUTO, EngineConfig, Event, GenerationRequest, RankPolicy, Row, StepStats
 from server.errors import Draining, EngineDead, InvalidRequest, Overloaded
 from server.merging import AutoMerge
 from server.runner import ModelRunner
 from server.sampling import make_generator, sample
-from server.stops import _find_stop, _partial_stop
+from server.stops import find_stop, partial_stop
 
 log = logging.getLogger(__name__)
 
@@ -337,13 +337,13 @@ class Engine:
         if not row.req.stream and not params.stop:
             return
         text = self.tok.decode(row.generated, skip_special_tokens=True)
-        cut = _find_stop(text, params.stop, len(row.emitted))
+        cut = find_stop(text, params.stop, len(row.emitted))
         if cut is not None:
             text, row.finish = text[:cut], "stop"
         if row.finish is None:
             if text.endswith("\ufffd"):
                 return
-            text = text[:len(text) - _partial_stop(text, params.stop)]
+            text = text[:len(text) - partial_stop(text, params.stop)]
         delta = text[len(row.emitted):]
         if delta:
             row.emitted = text

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+def find_stop(text: str, stops: list[str], emitted: int) -> int | None:
     """Index of the earliest stop string in ``text`` that reaches past what was already sent."""
     best = None
     for s in stops:
@@ -13,7 +13,7 @@ def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
     return best
 
 
-def _partial_stop(text: str, stops: list[str]) -> int:
+def partial_stop(text: str, stops: list[str]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
     best = 0
     for s in stops:

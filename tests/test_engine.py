@@ -10,7 +10,7 @@ import torch
 
 from conftest import load_tiny
 from server.engine import Engine, EngineConfig, Event, GenerationRequest
-from server.stops import _partial_stop
+from server.stops import partial_stop
 from server.runner import ModelRunner
 from server.sampling import SamplingParams, filter_logits
 from trainer.inject import AdapterConfig, NestedAdapter
@@ -156,7 +156,7 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(setup):
                                                    SamplingParams(max_new_tokens=20, stop=[stop]), c)])
     assert c.text == free.text[:free.text.index(stop)] and c.final.finish_reason == "stop"
     assert stop not in c.text
-    assert _partial_stop("abcQues", ["Question:"]) == 4 and _partial_stop("abc", ["xyz"]) == 0
+    assert partial_stop("abcQues", ["Question:"]) == 4 and partial_stop("abc", ["xyz"]) == 0
 
 
 def test_max_new_tokens_gives_length_and_usage(setup):
