@@ -93,7 +93,8 @@ def main() -> int:
         print(f"status {k}: {n}  ({100 * n / max(total, 1):.1f}%)")
     print(f"served {statuses[200] * args.new_tokens / took:.1f} tok/s, {statuses[200] / took:.2f} full answers/s")
     growth = rss_after / rss_warm - 1
-    print(f"resident memory: {rss_warm:.0f} MiB after warm-up, {rss_after:.0f} MiB after the run ({100 * growth:+.1f}%)")
+    print(f"resident memory: {rss_warm:.0f} MiB after warm-up, {rss_after:.0f} MiB after the run "
+          f"({100 * growth:+.1f}%)")
     checks = {"only 200 and 429 (with Retry-After), all 200s full": set(statuses) <= {200, 429} and not problems,
               "some requests served, some refused": statuses[200] > 0 and statuses[429] > 0,
               "memory within 10% of after warm-up": abs(growth) <= 0.10, "/health 200 after": health == 200}

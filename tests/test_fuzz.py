@@ -46,7 +46,7 @@ def test_schemathesis_finds_no_server_error_and_the_server_serves_after(schemath
         t0 = time.monotonic()
         run = subprocess.run([schemathesis, "--config-file", str(tmp_path / "schemathesis.toml"), "run",
                               srv.url + "/openapi.json", "--checks", "not_a_server_error", "-n", "30", "--seed", "1",
-                              "--report", "ndjson", "--report-dir", str(tmp_path / "report")],
+                              "--request-timeout", "120", "--report", "ndjson", "--report-dir", str(tmp_path / "report")],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         took = time.monotonic() - t0
         out = run.stdout + run.stderr
