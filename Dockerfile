@@ -1,7 +1,8 @@
 # Rank-elastic serving on a GPU node: the server with the embedded SmolLM2 (or any model you mount).
 #   docker build -t mlora .
 #   docker run --gpus all -p 8000:8000 -v $PWD/runs/demo:/adapter:ro mlora --adapter /adapter
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# torch >= 2.6: transformers 5 disables older PyTorch, and then no model loads (tests/test_deploy.py)
+FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,14 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def serve(model: str, ckpt: Path, *extra: str, ready_timeout_s: float = 600) -> Iterator[str]:
-    """``python -m server`` on a free loopback port; yields its URL, terminates it after."""
+def serve(model: str, ckpt: Path, *extra: str, ready_timeout_s: float = 600,
+          on_start: Callable[[subprocess.Popen], None] | None = None) -> Iterator[str]:
+    """``python -m server`` on a free loopback port; yields its URL, terminates it after.
+    ``on_start`` receives the process (e.g. to read its memory)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", model, "--adapter", str(ckpt),
                              "--port", str(port), "--log-level", "warning", *extra], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
+    if on_start is not None:
+        on_start(proc)
     try:
         end = time.monotonic() + ready_timeout_s
         while True:
@@ -44,3 +48,29 @@ def serve(model: str, ckpt: Path, *extra: str, ready_timeout_s: float = 600) -> 
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def untrained_adapter(model: str, folder: Path, r: int = 16, std: float = 0.01) -> Path:
+    """A nested adapter with random A and B ~ N(0, std) (the server's work does not depend on
+    training)."""
+    import torch
+
+    from trainer.checkpoint import save_adapter
+    from trainer.inject import AdapterConfig, NestedAdapter
+    from trainer.models import load_model
+
+    base, _ = load_model(model, "cpu", torch.float32)
+    torch.manual_seed(0)
+    adapter = NestedAdapter.inject(base, AdapterConfig(r=r))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.lora_Bt.normal_(std=std)
+    return save_adapter(folder, adapter, model)
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")

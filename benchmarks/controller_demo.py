@@ -48,29 +48,15 @@ from itertools import pairwise
 from pathlib import Path
 
 import httpx
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import serve  # noqa: E402
+from benchmarks.common import serve, untrained_adapter  # noqa: E402
 from server.simulator import declared_slo, ramp, recovery_bound  # noqa: E402
 from client.loadgen import (DEMO_PROMPTS, load_report, print_summary, rolling_p95, run,  # noqa: E402
                             summarise, write_report)
 from server.controller import ControllerConfig  # noqa: E402
-from trainer.checkpoint import save_adapter  # noqa: E402
-from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
-from trainer.models import load_model  # noqa: E402
-
-
-def make_checkpoint(model_name: str, r: int, folder: Path) -> Path:
-    model, _ = load_model(model_name, "cpu", torch.float32)
-    torch.manual_seed(0)
-    adapter = NestedAdapter.inject(model, AdapterConfig(r=r))
-    with torch.no_grad():
-        for layer in adapter.layers.values():
-            layer.lora_Bt.normal_(std=0.002)
-    return save_adapter(folder, adapter, model_name)
 
 
 async def capacity(url: str, rank: int, new_tokens: int, batch: int, rounds: int = 3) -> float:
@@ -140,7 +126,7 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_checkpoint(args.model, args.r, Path(tmp) / "ckpt")
+        ckpt = untrained_adapter(args.model, Path(tmp) / "ckpt", args.r, std=0.002)
         common = ["--max-batch-size", str(args.batch), "--calibrate-steps", "6", "--dwell-s", str(args.dwell_s),
                   "--down-queue", "2", "--smooth-s", str(args.smooth_s)]
         runs = {}

@@ -16,14 +16,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.control import ClusterSignals, RankController, calibrate
 from server.controller import ControllerConfig
 from server.engine import Engine, EngineConfig
 from server.merging import AutoMerge
-from server.deps import accepting, app_state, authorised
-from server.errors import PayloadTooLarge, ServingError
+from server.deps import accepting, app_state, authorised, key_ok
+from server.errors import EngineDead, InvalidRequest, PayloadTooLarge, ServingError
 from server.metrics import Metrics
 from server.protocol import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, RankInfo, StreamChunk
 from server.protocol import Timings, Usage
@@ -108,9 +109,11 @@ def load_state(settings: ServerSettings) -> AppState:
     cluster = ClusterSignals(settings.prometheus_url) if settings.prometheus_url else None
     controller = RankController(cfg, metrics, throughput, cluster)
     engine = Engine(runner, tok,
-                    EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context),
+                    EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context,
+                                 settings.step_timeout_s),
                     ranks, auto_rank=lambda: controller.rank, on_step=metrics.record, on_tick=controller.tick,
-                    auto_merge=auto_merge)
+                    auto_merge=auto_merge, on_stall=metrics.record_stall)
+    metrics.watch(engine)
     return AppState(settings, Serving(engine, tok, settings, ranks), engine, metrics, meta, controller, throughput)
 
 
@@ -125,6 +128,15 @@ def _error(status: int, type_: str, message: str, param: str | None = None) -> J
                         status_code=status)
 
 
+def _field_path(loc) -> str:
+    """``("body", "rank", "literal['auto']")`` → ``rank``: field names and list indices only
+    (pydantic adds the union member it tried; the client never wrote that)."""
+    return ".".join(str(p) for p in loc[1:] if isinstance(p, int) or str(p).isidentifier() and p not in _TAGS)
+
+
+_TAGS = {"int", "str", "float", "bool", "list", "dict", "none"}
+
+
 class BodyLimit:
     """ASGI middleware: bodies over ``limit`` bytes get 413 before any handler reads them."""
 
@@ -136,6 +148,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         too_big = PayloadTooLarge(f"the request body exceeds {self.limit} bytes (--max-body-bytes)")
+        if length is not None and not length.isdigit():
+            bad = InvalidRequest(f"Content-Length must be a number of bytes, got {length[:40]!r}")
+            return await _error(400, bad.type, bad.message)(scope, receive, send)
         if length is not None and int(length) > self.limit:
             return await error_response(too_big)(scope, receive, send)
         seen = 0
@@ -152,6 +167,25 @@ class BodyLimit:
             await self.app(scope, limited, send)
         except PayloadTooLarge as e:
             await error_response(e)(scope, receive, send)
+
+
+GENERATION_PATHS = {"/generate", "/v1/completions", "/v1/chat/completions"}
+
+
+class ShedLoad:
+    """ASGI middleware: while the queue is full, generation requests get 429 before their body is
+    read, parsed or tokenised. Under overload most requests are refused; refusing them cheaply
+    keeps the CPU (and the GIL) for the engine (benchmarks/overload.txt)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        state = getattr(scope.get("app").state, "mlora", None) if scope["type"] == "http" else None
+        if (state is not None and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+                and state.engine.queue_full() and key_ok(state.settings.api_key, Headers(scope=scope))):
+            return await error_response(state.engine.overloaded())(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAPI:
@@ -179,6 +213,7 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
     app = FastAPI(title="matryoshka-lora server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(ShedLoad)  # added last: runs first
 
     @app.exception_handler(ServingError)
     async def _serving_error(request: Request, exc: ServingError):
@@ -188,8 +223,8 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
     async def _validation_error(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+        param = _field_path(first.get("loc", ())) or None
+        msg = "; ".join(f"{_field_path(e.get('loc', ())) or 'body'}: {e.get('msg')}"
                         + (f" (got {e['input']!r:.60})" if "input" in e and e.get("type") != "missing" else "")
                         for e in errs)
         return _error(422, "invalid_request_error", msg, param)
@@ -203,15 +238,24 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         log.exception("unexpected error")
         return _error(500, "server_error", f"internal error: {type(exc).__name__}")
 
-    @app.get("/health")
-    async def health():
+    @app.get("/health", responses={503: {"model": ErrorBody}})
+    async def health(request: Request):
+        """Liveness: 200 while loading and serving; 503 once the engine stopped, its thread is
+        gone, or a step runs past --step-timeout-s (an orchestrator then restarts the process)."""
+        s = getattr(request.app.state, "mlora", None)
+        problem = None if s is None else s.engine.health()
+        if problem is not None:
+            return _error(503, EngineDead.type, problem)
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready(request: Request):
+        """Readiness: true only while loaded, not draining, and the engine is healthy."""
         s = getattr(request.app.state, "mlora", None)
-        ok = s is not None and s.ready and not s.draining
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        problem = None if s is None else s.engine.health()
+        ok = s is not None and s.ready and not s.draining and problem is None
+        body = {"ready": ok} if ok else {"ready": False, "reason": problem or ("draining" if s else "loading")}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request):

@@ -27,6 +27,7 @@ FLAGS = {  # flag → (settings field, type)
     "--api-key": ("api_key", str), "--default-rank": ("default_rank", str), "--merge-rank": ("merge_rank", str),
     "--merge-dwell-s": ("merge_dwell_s", float), "--inference-rule": ("inference_rule", str),
     "--grace-period-s": ("grace_period_s", float), "--log-level": ("log_level", str),
+    "--step-timeout-s": ("step_timeout_s", float),
     "--controller": ("controller", str), "--min-rank": ("min_rank", int), "--max-rank": ("max_rank", int),
     "--dwell-s": ("dwell_s", float), "--down-queue": ("down_queue", float), "--up-queue": ("up_queue", float),
     "--smooth-s": ("smooth_s", float),

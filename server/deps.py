@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import Draining, Unauthorized
+from server.errors import Draining, EngineDead, Unauthorized
 
 
 def app_state(request: Request):
@@ -14,20 +14,26 @@ def app_state(request: Request):
     return request.app.state.mlora
 
 
+def key_ok(key: str | None, headers) -> bool:
+    """True without ``--api-key``; else whether ``headers`` carry it (``Authorization: Bearer
+    KEY`` or ``X-API-Key: KEY``)."""
+    if not key:
+        return True
+    given = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("x-api-key", "")
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
 async def authorised(request: Request) -> None:
     """With ``--api-key``: require ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``)."""
-    key = request.app.state.settings.api_key
-    if not key:
-        return
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-        or request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    if not key_ok(request.app.state.settings.api_key, request.headers):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
 async def accepting(request: Request):
     """The app state, if new requests are accepted (not starting, not draining): else 503."""
     s = getattr(request.app.state, "mlora", None)
+    if s is not None and s.engine.dead is not None:
+        raise EngineDead(f"the engine stopped: {s.engine.dead}; this replica must be restarted")
     if s is None or s.draining or not s.ready:
         raise Draining("the server is not accepting requests (starting or shutting down); retry elsewhere")
     return s

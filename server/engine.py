@@ -12,6 +12,12 @@ Each step reads like a sentence — ``schedule → execute → update``:
 
 HTTP handlers never touch the model: they :meth:`Engine.submit` a :class:`GenerationRequest`
 with a ``sink`` callback and read the :class:`Event` stream it receives.
+
+A fault that belongs to one request fails that request alone (``finish_reason`` ``error``, with
+the error): its generator, its sampling, its detokenisation, its sink, and — through
+:mod:`server.isolation` — a batched forward that raises (the rows are retried apart). Only a
+fault that leaves the model unusable stops the engine (:attr:`Engine.dead`); :meth:`health`
+reports it, and a watchdog thread reports a step that runs past ``step_timeout_s``.
 """
 
 from __future__ import annotations
@@ -21,100 +27,26 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
-from server.errors import Draining, InvalidRequest, Overloaded
+from server import isolation
+from server.engine_types import AUTO, EngineConfig, Event, GenerationRequest, RankPolicy, Row, StepStats
+from server.errors import Draining, EngineDead, InvalidRequest, Overloaded
 from server.merging import AutoMerge
 from server.runner import ModelRunner
-from server.sampling import SamplingParams, make_generator, sample
+from server.sampling import make_generator, sample
+from server.stops import find_stop, partial_stop
 
 log = logging.getLogger(__name__)
-AUTO = "auto"
-
-
-@dataclass
-class Event:
-    """What a request's sink receives: token deltas (streaming requests), then one final event
-    (``done=True``; for a request that does not stream, it carries the whole text)."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    done: bool = False
-    finish_reason: str | None = None  # stop | length | timeout | abort | error
-    rank: int | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_s: float | None = None
-    ttft_s: float | None = None
-    total_s: float | None = None
-    error: str | None = None
-
-
-@dataclass
-class GenerationRequest:
-    """An engine-side request: no HTTP types here."""
-
-    prompt_ids: list[int]
-    rank: int | str  # a rank in {0} ∪ R, or "auto"
-    params: SamplingParams
-    sink: Callable[[Event], None]
-    deadline: float | None = None  # time.monotonic() after which the request is dropped
-    elastic: bool = False  # rank is a ceiling the controller may lower under load
-    stream: bool = True  # token deltas as they come; else one final event with the whole text
-    id: str = ""
-    arrival: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Row:
-    req: GenerationRequest
-    rank: int
-    generator: torch.Generator
-    admitted: float
-    generated: list[int] = field(default_factory=list)
-    emitted: str = ""  # text already sent to the sink
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    finish: str | None = None
-
-
-@dataclass
-class StepStats:
-    """Everything one engine step observed; the metrics module records it in one place."""
-
-    queue_depth: int = 0
-    running: int = 0
-    arrivals: int = 0  # requests submitted since the previous step
-    batch_size: int = 0
-    prefill_tokens: int = 0
-    queue_waits: list[float] = field(default_factory=list)
-    ttfts: list[float] = field(default_factory=list)
-    inter_token: list[float] = field(default_factory=list)
-    generated: dict[int, int] = field(default_factory=lambda: collections.Counter())  # rank → tokens
-    finished: list[tuple[int | None, str, float]] = field(default_factory=list)  # (rank, status, e2e)
-    merged: tuple[int, float] | None = None  # (rank, seconds) when this step re-merged the weights
-
-
-class RankPolicy(Protocol):
-    def __call__(self) -> int: ...
-
-
-@dataclass
-class EngineConfig:
-    max_batch_size: int = 16  # rows decoded together
-    max_queue: int = 256  # waiting requests beyond which submit() raises Overloaded
-    max_prefill_tokens: int = 4096  # prompt tokens admitted per step (the first always fits)
-    context_length: int = 8192  # prompt + max_new_tokens must fit
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, ranks: list[int],
                  auto_rank: RankPolicy, on_step: Callable[[StepStats], None] | None = None,
                  on_tick: Callable[[], None] | None = None, tick_s: float = 0.5,
-                 auto_merge: AutoMerge | None = None):
+                 auto_merge: AutoMerge | None = None, on_stall: Callable[[float], None] | None = None):
         self.runner = runner
         self.tok = tokenizer
         self.config = config
@@ -122,6 +54,7 @@ class Engine:
         self.auto_rank = auto_rank
         self.on_step = on_step or (lambda s: None)
         self.on_tick = on_tick or (lambda: None)  # the rank controller; also runs while idle
+        self.on_stall = on_stall or (lambda age: None)  # a step ran past config.step_timeout_s
         self.tick_s = tick_s
         self.auto_merge = auto_merge  # keeps the traffic's dominant rank merged (None: never re-merge)
         self._arrivals = 0
@@ -129,7 +62,7 @@ class Engine:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {e for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._aborted: set[str] = set()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -137,6 +70,9 @@ class Engine:
         self.draining = False
         self.dead: BaseException | None = None
         self._ids = itertools.count()
+        self._step_started: float | None = None  # monotonic start of the running step
+        self._steps = 0  # steps started (the watchdog reports each stuck step once)
+        self.stalls = 0
 
     # -- called from other threads -----------------------------------------------------------------
     def validate(self, req: GenerationRequest) -> None:
@@ -155,12 +91,11 @@ class Engine:
         self.validate(req)
         with self._cv:
             if self.dead is not None:
-                raise Draining(f"the engine stopped: {self.dead}")
+                raise EngineDead(f"the engine stopped: {self.dead}; this replica must be restarted")
             if self.draining:
                 raise Draining("the server is shutting down; retry on another replica")
-            if len(self._waiting) >= self.config.max_queue:
-                raise Overloaded(f"{len(self._waiting)} requests are waiting (limit --max-queue "
-                                 f"{self.config.max_queue}); retry later", retry_after=1.0)
+            if self.queue_full():
+                raise self.overloaded()
             req.id = req.id or f"req-{next(self._ids)}"
             self._waiting.append(req)
             self._arrivals += 1
@@ -173,6 +108,13 @@ class Engine:
             self._aborted.add(request_id)
             self._cv.notify()
 
+    def queue_full(self) -> bool:
+        return len(self._waiting) >= self.config.max_queue
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(f"{len(self._waiting)} requests are waiting (limit --max-queue "
+                          f"{self.config.max_queue}); retry later", retry_after=1.0)
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -184,9 +126,26 @@ class Engine:
     def idle(self) -> bool:
         return not self._waiting and not self._rows
 
+    def step_age(self) -> float:
+        """Seconds the running step has taken so far (0 between steps)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def health(self) -> str | None:
+        """None while the engine can serve; else why not: stopped, thread gone, or a step stuck."""
+        if self.dead is not None:
+            return f"the engine stopped: {self.dead}"
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return "the engine thread exited"
+        age, limit = self.step_age(), self.config.step_timeout_s
+        if age > limit:
+            return f"an engine step has run for {age:.1f} s (limit --step-timeout-s {limit:g})"
+        return None
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
@@ -206,12 +165,34 @@ class Engine:
                 work = self._waiting or self._rows or self._aborted or self._arrivals
             try:
                 self.on_tick()
-                if work:
-                    self.step()
-            except Exception as e:  # a broken engine must not hang its clients
-                log.exception("engine step failed")
+            except Exception:
+                log.exception("the rank controller's tick failed; the engine goes on")
+            if not work:
+                continue
+            self._steps += 1
+            self._step_started = time.monotonic()
+            try:
+                self.step()
+            except Exception as e:  # not one request's fault: the model is unusable; nobody may hang
+                log.exception("engine step failed: the engine stops")
                 self._fail_all(e)
+                return
+            finally:
+                self._step_started = None
         self._fail_all(RuntimeError("engine stopped"), reason="abort")
+
+    def _watch(self) -> None:
+        """Report (once each) a step that runs past ``step_timeout_s``: log and ``on_stall``."""
+        limit = self.config.step_timeout_s
+        reported = 0
+        while not self._stop and self.dead is None:
+            time.sleep(min(1.0, limit / 4))
+            age, step = self.step_age(), self._steps
+            if age > limit and step != reported:
+                reported = step
+                self.stalls += 1
+                log.error("engine step %d has run for %.1f s (limit --step-timeout-s %g)", step, age, limit)
+                self.on_stall(age)
 
     def step(self) -> StepStats:
         stats = StepStats()
@@ -227,16 +208,26 @@ class Engine:
                 stats.merged = (target, time.perf_counter() - t0)
                 log.info("merged rank → %d (%.2f s)", target, stats.merged[1])
         if self._rows:
-            logits = self.runner.decode([r.generated[-1] for r in self._rows])
-            self._update(self._rows, logits, stats)
-            self._retire(stats)
+            out = isolation.decode(self.runner, [r.generated[-1] for r in self._rows])
+            if out.errors:  # the runner already holds only the kept rows
+                stats.retried_apart += 1
+                for i, err in out.errors.items():
+                    self._rows[i].fail(err)
+                    self._finish_row(self._rows[i], stats)
+                self._rows = [self._rows[i] for i in out.kept]
+            if self._rows:
+                self._update(self._rows, out.logits, stats)
+                self._retire(stats)
         stats.queue_depth, stats.running = len(self._waiting), len(self._rows)
-        self.on_step(stats)
+        try:
+            self.on_step(stats)
+        except Exception:
+            log.exception("recording the step's metrics failed; the engine goes on")
         return stats
 
     def _schedule(self, stats: StepStats) -> list[GenerationRequest]:
-        now = time.monotonic()
-        with self._cv:
+        with self._cv:  # the clock read under the lock: every request seen was queued before it
+            now = time.monotonic()
             aborted, self._aborted = self._aborted, set()
             stats.arrivals, self._arrivals = self._arrivals, 0
             kept = collections.deque()
@@ -269,23 +260,48 @@ class Engine:
         now = time.monotonic()
         rows = []
         for req in reqs:
-            rank = self.auto_rank() if req.rank == AUTO else req.rank
-            if req.elastic and req.rank != AUTO:
-                rank = min(rank, self.auto_rank())  # a ceiling the controller may lower
-            rows.append(_Row(req, rank, make_generator(req.params.seed), admitted=now))
             stats.queue_waits.append(now - req.arrival)
-        stats.prefill_tokens = sum(len(r.prompt_ids) for r in reqs)
-        new = self.runner.prefill([r.prompt_ids for r in reqs], [r.rank for r in rows])
-        self.runner.join(new)
+            try:
+                rank = self.auto_rank() if req.rank == AUTO else req.rank
+                if req.elastic and req.rank != AUTO:
+                    rank = min(rank, self.auto_rank())  # a ceiling the controller may lower
+                rows.append(Row(req, rank, make_generator(req.params.seed), admitted=now))
+            except Exception as e:  # e.g. a seed torch cannot take: this request alone
+                log.exception("request %s failed before prefill", req.id)
+                self._finish_unstarted(req, "error", stats, error=isolation.describe(e))
+        if not rows:
+            return
+        stats.prefill_tokens = sum(len(r.req.prompt_ids) for r in rows)
+        try:
+            out, parts = isolation.prefill(self.runner, [r.req.prompt_ids for r in rows], [r.rank for r in rows])
+        except isolation.ModelBroken:
+            with self._cv:  # back in the queue: _fail_all answers them once the engine is marked dead
+                self._waiting.extendleft(r.req for r in reversed(rows))
+            raise
+        if out.errors:
+            stats.retried_apart += 1
+            for i, err in out.errors.items():
+                self._finish_unstarted(rows[i].req, "error", stats, error=err, rank=rows[i].rank)
+        for part in parts:
+            self.runner.join(part)
+        rows = [rows[i] for i in out.kept]
         self._rows.extend(rows)
-        self._update(rows, new.logits, stats)
+        if rows:
+            self._update(rows, out.logits, stats)
 
-    def _update(self, rows: list[_Row], logits: torch.Tensor, stats: StepStats) -> None:
-        """Sample one token per row, stream its text, and mark rows that are done."""
-        tokens = sample(logits, [r.req.params for r in rows], [r.generator for r in rows])
+    def _update(self, rows: list[Row], logits: torch.Tensor, stats: StepStats) -> None:
+        """Sample one token per row, stream its text, and mark rows that are done (a row whose
+        sampling or text fails is marked failed; the others go on)."""
+        try:
+            tokens = sample(logits, [r.req.params for r in rows], [r.generator for r in rows])
+        except Exception:
+            log.exception("sampling %d rows failed; sampling them one at a time", len(rows))
+            tokens = [self._sample_one(row, logits[i:i + 1]) for i, row in enumerate(rows)]
         now = time.monotonic()
         stats.batch_size = max(stats.batch_size, len(rows))
         for row, tok in zip(rows, tokens):
+            if tok is None:
+                continue
             if row.first_token_at is None:
                 row.first_token_at = now
                 stats.ttfts.append(now - row.req.arrival)
@@ -293,9 +309,21 @@ class Engine:
                 stats.inter_token.append(now - row.last_token_at)
             row.last_token_at = now
             stats.generated[row.rank] += 1
-            self._append_token(row, tok)
+            try:
+                self._append_token(row, tok)
+            except Exception as e:
+                log.exception("request %s failed on its token %d", row.req.id, tok)
+                row.fail(isolation.describe(e))
 
-    def _append_token(self, row: _Row, tok: int) -> None:
+    @staticmethod
+    def _sample_one(row: Row, logits: torch.Tensor) -> int | None:
+        try:
+            return sample(logits, [row.req.params], [row.generator])[0]
+        except Exception as e:
+            row.fail(isolation.describe(e))
+            return None
+
+    def _append_token(self, row: Row, tok: int) -> None:
         """Add one token; stream the text that is now final (held back: an unfinished UTF-8
         sequence, or a tail that may still turn into a stop string). A request that neither
         streams nor has stop strings is decoded once, when it finishes."""
@@ -309,18 +337,18 @@ class Engine:
         if not row.req.stream and not params.stop:
             return
         text = self.tok.decode(row.generated, skip_special_tokens=True)
-        cut = _find_stop(text, params.stop, len(row.emitted))
+        cut = find_stop(text, params.stop, len(row.emitted))
         if cut is not None:
             text, row.finish = text[:cut], "stop"
         if row.finish is None:
             if text.endswith("\ufffd"):
                 return
-            text = text[:len(text) - _partial_stop(text, params.stop)]
+            text = text[:len(text) - partial_stop(text, params.stop)]
         delta = text[len(row.emitted):]
         if delta:
             row.emitted = text
             if row.req.stream:
-                row.req.sink(Event(text=delta, token_ids=[tok], rank=row.rank))
+                self._send(row.req, Event(text=delta, token_ids=[tok], rank=row.rank))
 
     def _retire(self, stats: StepStats) -> None:
         keep = [i for i, r in enumerate(self._rows) if r.finish is None]
@@ -332,7 +360,7 @@ class Engine:
         self.runner.leave(keep)
         self._rows = [self._rows[i] for i in keep]
 
-    def _finish_row(self, row: _Row, stats: StepStats) -> None:
+    def _finish_row(self, row: Row, stats: StepStats) -> None:
         now = time.monotonic()
         arrival = row.req.arrival
         text = "" if row.req.stream else (row.emitted if row.req.params.stop
@@ -341,15 +369,26 @@ class Engine:
                    prompt_tokens=len(row.req.prompt_ids), completion_tokens=len(row.generated),
                    queue_s=row.admitted - arrival,
                    ttft_s=None if row.first_token_at is None else row.first_token_at - arrival,
-                   total_s=now - arrival)
+                   total_s=now - arrival, error=row.error)
         stats.finished.append((row.rank, row.finish, now - arrival))
-        row.req.sink(ev)
+        self._send(row.req, ev)
 
-    def _finish_unstarted(self, req: GenerationRequest, reason: str, stats: StepStats) -> None:
+    def _finish_unstarted(self, req: GenerationRequest, reason: str, stats: StepStats,
+                          error: str | None = None, rank: int | None = None) -> None:
         now = time.monotonic()
-        stats.finished.append((None, reason, now - req.arrival))
-        req.sink(Event(done=True, finish_reason=reason, prompt_tokens=len(req.prompt_ids),
-                       queue_s=now - req.arrival, total_s=now - req.arrival))
+        stats.finished.append((rank, reason, now - req.arrival))
+        self._send(req, Event(done=True, finish_reason=reason, rank=rank, prompt_tokens=len(req.prompt_ids),
+                              queue_s=now - req.arrival, total_s=now - req.arrival, error=error))
+
+    def _send(self, req: GenerationRequest, ev: Event) -> None:
+        """Hand an event to the request's sink; a sink that raises (its client's loop is gone)
+        aborts that request only."""
+        try:
+            req.sink(ev)
+        except Exception:
+            log.exception("the sink of request %s failed; aborting it", req.id)
+            with self._cv:
+                self._aborted.add(req.id)
 
     def _fail_all(self, error: BaseException, reason: str = "error") -> None:
         with self._cv:
@@ -357,30 +396,9 @@ class Engine:
                 self.dead = error
             waiting, self._waiting = list(self._waiting), collections.deque()
         for req in waiting:
-            req.sink(Event(done=True, finish_reason=reason, error=str(error)))
+            self._send(req, Event(done=True, finish_reason=reason, error=str(error)))
         for row in self._rows:
-            row.req.sink(Event(done=True, finish_reason=reason, rank=row.rank, error=str(error),
-                               completion_tokens=len(row.generated)))
+            self._send(row.req, Event(done=True, finish_reason=reason, rank=row.rank, error=str(error),
+                                      completion_tokens=len(row.generated)))
         self._rows = []
         self.runner.reset()
-
-
-def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Index of the earliest stop string in ``text`` that reaches past what was already sent."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, emitted - len(s) + 1))
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

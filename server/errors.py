@@ -54,5 +54,14 @@ class DeadlineExceeded(ServingError):
 
 
 class EngineDead(ServingError):
+    """The engine stopped (the model is unusable): this replica must be restarted (/health is 503)."""
+
     status = 503
     type = "engine_error"
+
+
+class RequestFailed(ServingError):
+    """One request failed inside the engine and was dropped alone; the server goes on serving."""
+
+    status = 500
+    type = "server_error"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
-from server.engine import StepStats
+from server.engine_types import StepStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -48,8 +48,21 @@ class Metrics:
         self.merges = Counter("mlora_merge_switches", "Re-merges at another rank (--merge-rank auto).", registry=r)
         self.merge_seconds = Histogram("mlora_merge_seconds", "Time one re-merge took.", buckets=LATENCY_BUCKETS,
                                        registry=r)
+        self.stalls = Counter("mlora_engine_stalls", "Engine steps that ran past --step-timeout-s (reported "
+                              "once each, while they run).", registry=r)
+        self.retried_apart = Counter("mlora_engine_retried_apart", "Batched forwards that raised and were "
+                                     "retried one row at a time (the failing rows fail alone).", registry=r)
+        self.healthy = Gauge("mlora_engine_healthy", "1 while the engine can serve; 0 once it stopped or "
+                             "while a step is stuck (then /health is 503).", registry=r)
         for d in ("up", "down"):
             self.switches.labels(direction=d)
+
+    def watch(self, engine) -> None:
+        """Read the engine's health at each scrape (it changes between steps, or without one)."""
+        self.healthy.set_function(lambda: float(engine.health() is None))
+
+    def record_stall(self, age_s: float) -> None:
+        self.stalls.inc()
 
     def set_info(self, model: str, adapter: str, ranks: list[int], scaling: str, method: str) -> None:
         self.info.info({"model": model, "adapter": adapter, "ranks": ",".join(map(str, ranks)),
@@ -72,6 +85,8 @@ class Metrics:
             self.generated.labels(rank=str(rank)).inc(n)
         if s.prefill_tokens:
             self.prompt_tokens.inc(s.prefill_tokens)
+        if s.retried_apart:
+            self.retried_apart.inc(s.retried_apart)
         if s.merged is not None:
             self.merged_rank.set(s.merged[0])
             self.merges.inc()

@@ -8,6 +8,7 @@ the base model's own name) the base model.
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,8 +42,8 @@ def rank_for(request: Request, body: _OpenAIBase) -> int | str:
     names = served_names(request)
     serving = app_state(request).serving
     prefix = app_state(request).settings.served_name + "@"
-    if body.model not in names and body.model.startswith(prefix) and body.model[len(prefix):].isdigit():
-        return serving.resolve_rank(int(body.model[len(prefix):]))  # 422 naming the valid ranks
+    if body.model not in names and re.fullmatch(re.escape(prefix) + "[0-9]+", body.model):
+        return serving.resolve_rank(int(body.model[len(prefix):]), param="model")  # 422 naming the valid ranks
     if body.model not in names:
         raise ModelNotFound(f"model {body.model!r} is not served here; available: {sorted(names, key=str)}",
                             param="model")
@@ -60,7 +61,7 @@ async def models(request: Request):
 async def completions(body: CompletionRequest, request: Request, s=Depends(accepting)):
     serving: Serving = s.serving
     sub = serving.submit(serving.encode_prompt(body.prompt), rank_for(request, body),
-                         body.sampling(serving.max_new_tokens(body.max_tokens)), body.timeout,
+                         body.sampling(serving.max_new_tokens(body.max_tokens, "max_tokens")), body.timeout,
                          elastic=body.rank_policy == "elastic", stream=body.stream)
     return await _respond(serving, sub, body, request, chat=False)
 
@@ -71,9 +72,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, s=Depe
     if body.messages[-1].role == "assistant":
         raise InvalidRequest("the last message must not be the assistant's: there is nothing to answer",
                              param="messages")
-    ids = serving.encode_chat([m.model_dump() for m in body.messages])
-    n = body.max_completion_tokens or body.max_tokens
-    sub = serving.submit(ids, rank_for(request, body), body.sampling(serving.max_new_tokens(n)), body.timeout,
+    ids = serving.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+    n, param = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens \
+        else (body.max_tokens, "max_tokens")
+    sub = serving.submit(ids, rank_for(request, body), body.sampling(serving.max_new_tokens(n, param)), body.timeout,
                          elastic=body.rank_policy == "elastic", stream=body.stream)
     return await _respond(serving, sub, body, request, chat=True)
 
@@ -82,7 +84,7 @@ async def _respond(serving: Serving, sub: Submission, body: _OpenAIBase, request
     rid = openai_id("chatcmpl" if chat else "cmpl")
     if body.stream:
         first = await serving.start(sub, request.is_disconnected)
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_chunks(serving, sub, body.model, rid, chat, include_usage),
                                  media_type="text/event-stream", headers={"X-Rank": str(first.rank)})
     try:

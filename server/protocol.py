@@ -1,39 +1,59 @@
 """HTTP request/response models: the one definition the server and the client share.
 
-Unknown fields are rejected (422 naming the field) rather than silently ignored.
+Unknown fields are rejected (422 naming the field) rather than silently ignored. Types are
+strict (``true`` is not a rank, ``"1"`` is not a number; an integer is a number), numbers are
+finite, and every bound below is what the engine can really take: a request
+the engine could not serve is refused here, with a 4xx, before it reaches the engine.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+INT64 = (-2**63, 2**63 - 1)  # torch.Generator.manual_seed takes a 64-bit seed
+MAX_STOPS, MAX_STOP_CHARS = 8, 64  # each generated token is checked against every stop's prefixes
+MAX_TOP_K = 2**31 - 1
+MAX_NAME_CHARS = 256  # model and user names
+MAX_MESSAGES = 256
+
+
+def _unicode(s: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"): that is no text a tokenizer can take."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: {e.reason} at position {e.start}") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_unicode)]
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
+
+
+def _one_or_many(v):
+    return [v] if isinstance(v, str) else v
 RankField = int | Literal["auto"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _Sampling(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = no top-k cut")
-    stop: list[str] | str | None = Field(None, description="stop strings (not included in the text)")
-    seed: int | None = Field(None, description="reproducible sampling")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = no top-k cut")
+    stop: Annotated[list[Stop], Field(max_length=MAX_STOPS), BeforeValidator(_one_or_many)] | None = Field(
+        None, description=f"stop strings (not included in the text): one string or a list of up to "
+        f"{MAX_STOPS}, 1 to {MAX_STOP_CHARS} characters each")
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1], description="reproducible sampling (64-bit)")
     stream: bool = False
     ignore_eos: bool = Field(False, description="generate exactly the maximum number of tokens")
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        v = [v] if isinstance(v, str) else (v or [])
-        if any(not s for s in v) or len(v) > 8:
-            raise ValueError("stop takes up to 8 non-empty strings")
-        return v
 
     def sampling(self, max_new_tokens: int):
         """The engine's SamplingParams (imported here: the client uses this module without torch)."""
@@ -46,7 +66,11 @@ class _Sampling(_Strict):
 
 # -- native API ---------------------------------------------------------------------------------------
 class GenerateRequest(_Sampling):
-    prompt: str = Field(min_length=1)
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Question: Ada has 12 apples and gets 7 more. How many?\nAnswer: ", "rank": 4,
+         "max_new_tokens": 4}]})
+
+    prompt: Text = Field(min_length=1)
     rank: RankField | None = Field(None, description="a rank in {0} ∪ R, or 'auto'; default: the server's")
     rank_policy: Literal["fixed", "elastic"] = Field(
         "fixed", description="elastic: the rank is a ceiling the controller may lower under load")
@@ -111,21 +135,28 @@ class ErrorBody(BaseModel):
 
 
 # -- OpenAI-compatible API ------------------------------------------------------------------------------
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
 class _OpenAIBase(_Sampling):
-    model: str
+    model: Name
     rank: RankField | None = Field(None, description="extension: overrides a rank in the model name")
     rank_policy: Literal["fixed", "elastic"] = "fixed"
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    user: str | None = None
-    stream_options: dict | None = None
+    user: Name | None = None
+    stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     timeout: float | None = Field(None, gt=0)
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: str | list[str]
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "mlora@4", "prompt": "Ada has",
+                                                               "max_tokens": 4}]})
+
+    prompt: Text | list[Text]
     echo: bool = Field(False, description="not supported: must be false")
 
     @field_validator("prompt")
@@ -147,13 +178,17 @@ class CompletionRequest(_OpenAIBase):
         return v
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Text
+    name: Name | None = None
 
 
 class ChatCompletionRequest(_OpenAIBase):
-    messages: list[ChatMessage] = Field(min_length=1)
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "mlora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}]})
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 

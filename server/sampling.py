@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5  # as vLLM's _SAMPLING_EPS
+
 
 @dataclass
 class SamplingParams:
-    """How one request picks its next token. ``temperature == 0`` is greedy."""
+    """How one request picks its next token. A temperature below ``GREEDY_BELOW`` is greedy
+    (dividing the logits by a tinier one overflows them to inf, and sampling NaNs)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -21,7 +24,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -8,8 +8,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from server.engine import AUTO, Engine, Event, GenerationRequest
-from server.errors import DeadlineExceeded, EngineDead, InvalidRequest, ServingError
+from server.errors import DeadlineExceeded, EngineDead, InvalidRequest, RequestFailed, ServingError
 from server.sampling import SamplingParams
 from server.settings import ServerSettings
 
@@ -43,19 +45,19 @@ class Serving:
         self.ranks = ranks  # R (without 0)
 
     # -- request building ----------------------------------------------------------------------------
-    def resolve_rank(self, rank: int | str | None) -> int | str:
+    def resolve_rank(self, rank: int | str | None, param: str = "rank") -> int | str:
         rank = self.settings.default_rank if rank is None else rank
         if rank != AUTO and rank not in (0, *self.ranks):
             raise InvalidRequest(f"rank {rank!r} is not served; valid ranks are {[0, *self.ranks]} or 'auto'",
-                                 param="rank")
+                                 param=param)
         return rank
 
-    def max_new_tokens(self, asked: int | None) -> int:
+    def max_new_tokens(self, asked: int | None, param: str = "max_new_tokens") -> int:
         limit = self.settings.max_new_tokens_limit
         n = min(128, limit) if asked is None else asked
         if n > limit:
-            raise InvalidRequest(f"max_new_tokens {n} exceeds this server's limit of {limit} "
-                                 "(--max-new-tokens-limit)", param="max_new_tokens")
+            raise InvalidRequest(f"{param} {n} exceeds this server's limit of {limit} "
+                                 "(--max-new-tokens-limit)", param=param)
         return n
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -65,7 +67,10 @@ class Serving:
         if not getattr(self.tok, "chat_template", None):
             raise InvalidRequest("this model has no chat template; use /v1/completions or /generate",
                                  param="messages")
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # templates raise on what they refuse (e.g. roles out of order)
+            raise InvalidRequest(f"the model's chat template refused these messages: {e}", param="messages") from e
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def deadline(self, timeout: float | None) -> float:
@@ -104,7 +109,7 @@ class Serving:
         """Wait for the first event (the request is admitted; its rank is known)."""
         if sub.first is None:
             sub.first = await self._next(sub, is_disconnected)
-            _raise_if_failed(sub.first)
+            _raise_if_failed(sub.first, self.engine)
         return sub.first
 
     async def collect(self, sub: Submission, is_disconnected=None) -> Result:
@@ -114,7 +119,7 @@ class Serving:
         while not ev.done:
             ev = await self._next(sub, is_disconnected)
             parts.append(ev.text)
-        _raise_if_failed(ev)
+        _raise_if_failed(ev, self.engine)
         return Result("".join(parts), ev)
 
     async def stream(self, sub: Submission) -> AsyncIterator[Event]:
@@ -134,13 +139,16 @@ class Serving:
             sub.finished = True
 
 
-def _raise_if_failed(ev: Event) -> None:
+def _raise_if_failed(ev: Event, engine: Engine) -> None:
     if not ev.done:
         return
     if ev.finish_reason == "timeout":
         raise DeadlineExceeded(f"the request's deadline passed after {ev.total_s:.2f} s "
                                f"({ev.completion_tokens} tokens generated)", param="timeout")
+    if ev.finish_reason == "error" and engine.dead is not None:
+        raise EngineDead(f"the engine stopped: {ev.error}; this replica must be restarted")
     if ev.finish_reason == "error":
-        raise EngineDead(f"the engine failed: {ev.error}")
+        raise RequestFailed(f"this request failed in the engine and was dropped alone ({ev.error}); "
+                            "the server goes on serving")
     if ev.finish_reason == "abort":
         raise ServingError("the request was aborted")

@@ -51,6 +51,8 @@ class ServerSettings(BaseSettings):
     prometheus_url: str | None = Field(None, description="read cluster-wide queue depth with PromQL from here")
     calibrate_steps: int = Field(4, ge=0, description="decode steps per rank measured at startup (0: skip); cached")
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")
+    step_timeout_s: float = Field(120.0, gt=0, description="an engine step running longer is reported stuck: "
+                                  "logged, counted (mlora_engine_stalls_total), /health 503 until it ends")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("default_rank", "merge_rank", mode="before")

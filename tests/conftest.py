@@ -89,6 +89,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+import threading  # noqa: E402
+
 import httpx  # noqa: E402
 
 
@@ -148,3 +150,80 @@ def tiny_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     train(TrainConfig(model=str(tiny_model_dir), adapter=AdapterConfig(r=8), lr=2e-2, batch_size=4,
                       max_length=64, limit=32, max_steps=4, progress=False, out=str(out)))
     return out
+
+
+# -- reading a running server -------------------------------------------------------------------
+def metric(http, name: str, **labels) -> float:
+    """Sum of the series of ``name`` whose labels include ``labels`` (0 if none)."""
+    total = 0.0
+    for line in http.get("/metrics").text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def wait_metric(http, name: str, expected: float, timeout: float = 10, **labels) -> float:
+    """Metrics are recorded at the end of the engine step that answered: poll briefly."""
+    end = time.monotonic() + timeout
+    while (v := metric(http, name, **labels)) != expected and time.monotonic() < end:
+        time.sleep(0.05)
+    return v
+
+
+def wait_http_ok(url: str, timeout: float) -> None:
+    """Poll ``url`` until it answers 200 (a freshly started Prometheus takes a moment)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not become ready in {timeout} s")
+
+
+class Busy:
+    """``n`` senders that resubmit ``body(i)`` to ``url`` until the block exits, so that a load
+    lasts until the reaction under test is seen, however fast this machine decodes (a fixed burst
+    can drain first). ``responses`` collects (status, body) of every request: the JSON, or the
+    text / the exception when there is none (status 0), so that no failure goes unseen."""
+
+    def __init__(self, url: str, n: int, body, path: str = "/generate"):
+        self.url, self.body, self.path, self.responses = url, body, path, []
+        self.retry_after: list[str | None] = []  # the Retry-After header of every 429
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._send, args=(i,), daemon=True) for i in range(n)]
+
+    def _send(self, i: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=300) as c:
+            while not self._done.is_set():
+                try:
+                    r = c.post(self.path, json=self.body(i))
+                except httpx.HTTPError as e:
+                    self.responses.append((0, repr(e)))
+                    continue
+                if r.status_code == 429:
+                    self.retry_after.append(r.headers.get("retry-after"))
+                try:
+                    self.responses.append((r.status_code, r.json()))
+                except ValueError:
+                    self.responses.append((r.status_code, r.text))
+
+    def __enter__(self) -> Busy:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for t in self._threads:
+            t.join(300)
+
+
+def wait_until(check, timeout: float, step: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while not (ok := check()) and time.monotonic() < end:
+        time.sleep(step)
+    return bool(ok)

@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ROOT = DEPLOY.parent
@@ -73,3 +80,24 @@ def test_probes_and_grace_period_match_the_server():
     assert pod["terminationGracePeriodSeconds"] > grace
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     assert {"server", "prometheus", "grafana"} <= set(compose["services"])
+
+
+def torch_floor(requirements: list[str]) -> Version:
+    """The lowest torch a list of requirement strings allows (its ``>=`` bound)."""
+    floors = [Version(spec.version) for r in requirements if (req := Requirement(r)).name == "torch"
+              for spec in req.specifier if spec.operator == ">="]
+    assert floors, f"no 'torch>=' among {requirements}"
+    return max(floors)
+
+
+def test_the_image_and_pyproject_allow_only_a_torch_transformers_runs_on():
+    """transformers disables PyTorch below its declared floor (then no model loads): the image's
+    base torch and pyproject's torch requirement must both reach it."""
+    from importlib.metadata import requires
+
+    needed = torch_floor(requires("transformers") or [])
+    base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)", (ROOT / "Dockerfile").read_text(), re.M)
+    assert base, "the Dockerfile's base is no longer pytorch/pytorch:<version>-...: update this test"
+    assert Version(base.group(1)) >= needed, f"Dockerfile base torch {base.group(1)} < {needed} (transformers)"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert torch_floor(project) >= needed, f"pyproject allows torch {torch_floor(project)} < {needed}"

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ServerProcess
+from conftest import Busy, ServerProcess, metric, wait_http_ok, wait_metric, wait_until
 
 KEY = "test-key"
 
@@ -29,79 +29,6 @@ def server(tiny_model_dir, tiny_checkpoint):
 def http(server):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
         yield c
-
-
-def metric(http, name: str, **labels) -> float:
-    """Sum of the series of ``name`` whose labels include ``labels`` (0 if none)."""
-    total = 0.0
-    for line in http.get("/metrics").text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
-def wait_metric(http, name: str, expected: float, timeout: float = 10, **labels) -> float:
-    """Metrics are recorded at the end of the engine step that answered: poll briefly."""
-    end = time.monotonic() + timeout
-    while (v := metric(http, name, **labels)) != expected and time.monotonic() < end:
-        time.sleep(0.05)
-    return v
-
-
-def wait_http_ok(url: str, timeout: float) -> None:
-    """Poll ``url`` until it answers 200 (a freshly started Prometheus takes a moment)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not become ready in {timeout} s")
-
-
-class Busy:
-    """``n`` senders that resubmit ``body(i)`` to ``url`` until the block exits, so that a load
-    lasts until the reaction under test is seen, however fast this machine decodes (a fixed burst
-    can drain first). ``responses`` collects (status, body) of every request: the JSON, or the
-    text / the exception when there is none (status 0), so that no failure goes unseen."""
-
-    def __init__(self, url: str, n: int, body):
-        self.url, self.body, self.responses = url, body, []
-        self._done = threading.Event()
-        self._threads = [threading.Thread(target=self._send, args=(i,), daemon=True) for i in range(n)]
-
-    def _send(self, i: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=300) as c:
-            while not self._done.is_set():
-                try:
-                    r = c.post("/generate", json=self.body(i))
-                except httpx.HTTPError as e:
-                    self.responses.append((0, repr(e)))
-                    continue
-                try:
-                    self.responses.append((r.status_code, r.json()))
-                except ValueError:
-                    self.responses.append((r.status_code, r.text))
-
-    def __enter__(self) -> Busy:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        for t in self._threads:
-            t.join(300)
-
-
-def wait_until(check, timeout: float, step: float = 0.1) -> bool:
-    end = time.monotonic() + timeout
-    while not (ok := check()) and time.monotonic() < end:
-        time.sleep(step)
-    return bool(ok)
 
 
 def sse(lines) -> list[dict | str]:
@@ -210,8 +137,11 @@ def test_malformed_json_and_wrong_key_and_unknown_route(server, http):
 
 
 def test_deadline_gives_504_and_frees_the_slot(http):
+    """A deadline no machine can meet: it passes before the engine thread can even look at the
+    request (a nanosecond; waking a thread takes microseconds). Running rows that hit their
+    deadline: tests/test_isolation.py, where the engine's timing is fixed by construction."""
     before = metric(http, "mlora_requests_total", status="timeout")
-    r = http.post("/generate", json={"prompt": "Ada", "max_new_tokens": 400, "timeout": 0.3,
+    r = http.post("/generate", json={"prompt": "Ada", "max_new_tokens": 400, "timeout": 1e-9,
                                        "ignore_eos": True})
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
     assert wait_metric(http, "mlora_requests_total", before + 1, status="timeout") == before + 1
@@ -239,60 +169,6 @@ def test_metrics_count_requests_and_tokens_by_rank(http):
                  "mlora_queue_wait_seconds_bucket", "mlora_prompt_tokens_total", "mlora_model_info"]:
         assert name in text
     assert "# HELP mlora_queue_depth" in text
-
-
-def test_full_queue_gives_429_with_retry_after(tiny_model_dir, tiny_checkpoint):
-    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint),
-                        "--max-batch-size", "1", "--max-queue", "1").wait_ready()
-    try:
-        results = []
-
-        def send():
-            r = httpx.post(srv.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 500, "ignore_eos": True},
-                           timeout=120)
-            results.append(r.status_code)
-
-        threads = [threading.Thread(target=send) for _ in range(2)]
-        with httpx.Client(base_url=srv.url) as http:
-            threads[0].start()  # takes the only batch slot …
-            assert wait_metric(http, "mlora_running_requests", 1) == 1
-            threads[1].start()  # … this one fills the queue …
-            assert wait_metric(http, "mlora_queue_depth", 1) == 1
-            r = http.post("/generate", json={"prompt": "Ada", "max_new_tokens": 2})  # … so this is refused
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-        assert "--max-queue 1" in r.json()["error"]["message"]
-        for t in threads:
-            t.join()
-        assert results == [200, 200]
-    finally:
-        srv.stop()
-
-
-def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tiny_checkpoint):
-    srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint),
-                        "--grace-period-s", "120", "--calibrate-steps", "0").wait_ready()
-    result = {}
-
-    def long_request():
-        r = httpx.post(srv.url + "/generate", json={"prompt": "Ada", "max_new_tokens": 500, "ignore_eos": True},
-                       timeout=300)
-        result["status"], result["body"] = r.status_code, r.json()
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    with httpx.Client(base_url=srv.url) as http:
-        assert wait_metric(http, "mlora_running_requests", 1) == 1  # in flight
-        srv.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + 10
-        while http.get("/ready").status_code != 503 and time.monotonic() < end:
-            time.sleep(0.05)
-        assert http.get("/ready").status_code == 503
-        refused = http.post("/generate", json={"prompt": "x", "max_new_tokens": 2})
-    assert refused.status_code == 503 and refused.json()["error"]["type"] == "unavailable_error"
-    t.join(300)
-    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] > 0
-    assert srv.proc.wait(60) == 0
-    srv.stop()
 
 
 @pytest.mark.slow

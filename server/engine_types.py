@@ -1,0 +1,96 @@
+"""What the engine works on: requests in, events out, running rows, per-step stats, limits.
+
+No HTTP types here (the protocol module converts to these); no model either.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+AUTO = "auto"
+
+
+@dataclass
+class Event:
+    """What a request's sink receives: token deltas (streaming requests), then one final event
+    (``done=True``; for a request that does not stream, it carries the whole text)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    done: bool = False
+    finish_reason: str | None = None  # stop | length | timeout | abort | error
+    rank: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    total_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """An engine-side request: no HTTP types here."""
+
+    prompt_ids: list[int]
+    rank: int | str  # a rank in {0} ∪ R, or "auto"
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+    elastic: bool = False  # rank is a ceiling the controller may lower under load
+    stream: bool = True  # token deltas as they come; else one final event with the whole text
+    id: str = ""
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Row:
+    req: GenerationRequest
+    rank: int
+    generator: torch.Generator
+    admitted: float
+    generated: list[int] = field(default_factory=list)
+    emitted: str = ""  # text already sent to the sink
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish: str | None = None
+    error: str | None = None  # why the row failed (finish "error")
+
+    def fail(self, error: str) -> None:
+        self.finish, self.error = "error", error
+
+
+@dataclass
+class StepStats:
+    """Everything one engine step observed; the metrics module records it in one place."""
+
+    queue_depth: int = 0
+    running: int = 0
+    arrivals: int = 0  # requests submitted since the previous step
+    batch_size: int = 0
+    prefill_tokens: int = 0
+    queue_waits: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    inter_token: list[float] = field(default_factory=list)
+    generated: dict[int, int] = field(default_factory=lambda: collections.Counter())  # rank → tokens
+    finished: list[tuple[int | None, str, float]] = field(default_factory=list)  # (rank, status, e2e)
+    merged: tuple[int, float] | None = None  # (rank, seconds) when this step re-merged the weights
+    retried_apart: int = 0  # batched forwards that raised and were retried one row at a time
+
+
+class RankPolicy(Protocol):
+    def __call__(self) -> int: ...
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 16  # rows decoded together
+    max_queue: int = 256  # waiting requests beyond which submit() raises Overloaded
+    max_prefill_tokens: int = 4096  # prompt tokens admitted per step (the first always fits)
+    context_length: int = 8192  # prompt + max_new_tokens must fit
+    step_timeout_s: float = 120.0  # a step running longer is reported stuck (health, metrics)
