@@ -178,9 +178,32 @@ class CompletionRequest(_OpenAIBase):
         return v
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+def _text_parts_only(v):
+    """OpenAI's content parts: text parts pass; any other part is refused, saying which (this
+    server serves a text-only model)."""
+    if isinstance(v, list):
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(f"content[{i}] is a {kind!r} part; this model reads text only, so only "
+                                 "parts {\"type\": \"text\", \"text\": ...} are accepted")
+    return v
+
+
+def _join_parts(v: str | list[TextPart]) -> str:
+    return v if isinstance(v, str) else "\n".join(p.text for p in v)  # as vLLM joins text parts
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text
+    # a string, or a list of text parts (joined by newlines): what the openai SDK and guidellm send
+    content: Annotated[Text | list[TextPart], BeforeValidator(_text_parts_only), AfterValidator(_join_parts)] = \
+        Field(description="a string, or a list of text parts [{\"type\": \"text\", \"text\": ...}]")
     name: Name | None = None
 
 

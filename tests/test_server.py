@@ -74,6 +74,7 @@ def test_same_greedy_request_streamed_and_not_gives_the_same_text(http):
 
 
 def test_openai_sdk_completions_chat_streaming_and_models(server):
+    import openai
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key=KEY)
@@ -87,6 +88,12 @@ def test_openai_sdk_completions_chat_streaming_and_models(server):
     chat = client.chat.completions.create(model="mlora@4", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=6)
     assert chat.choices[0].message.role == "assistant"
+    parts = client.chat.completions.create(model="mlora@4", max_tokens=6, messages=[  # guidellm sends parts
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert parts.choices[0].message.content == chat.choices[0].message.content
+    with pytest.raises(openai.UnprocessableEntityError, match=r"content\[1\] is a 'image_url' part"):
+        client.chat.completions.create(model="mlora@4", max_tokens=6, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}])
     stream = client.chat.completions.create(model="mlora@4", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=6, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
