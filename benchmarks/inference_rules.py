@@ -139,9 +139,11 @@ def eval_task(task: str, run_dir: Path, model_name: str, cache: dict) -> None:
     for seed in SEEDS:
         examples = task_examples(task, run_dir, seed, tok)
         for method in (*METHODS, "svd"):
-            cell = results.setdefault(method, {}).setdefault(str(seed), {})
             ckpt = ckpt_dir(run_dir, task, method, seed)
-            if all(rule in cell for rule in RULES) or not (ckpt / "matryoshka.json").exists():
+            if not (ckpt / "matryoshka.json").exists():
+                continue  # not trained (yet): a rerun fills it in
+            cell = results.setdefault(method, {}).setdefault(str(seed), {})
+            if all(rule in cell for rule in RULES):
                 continue
             adapter, _ = load_adapter(ckpt, model)
             for rule in RULES:
@@ -224,6 +226,8 @@ def phase_eval(run_dir: Path, results: Path, model: str, tasks: list[str]) -> No
     path = results / "results.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
     for task in tasks:
+        if not (run_dir / task).is_dir():
+            continue
         eval_task(task, run_dir, model, cache)
         path.write_text(json.dumps(cache, indent=1) + "\n")
     (results / "tables.md").write_text(tables(cache))
