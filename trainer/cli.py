@@ -11,11 +11,11 @@ from dataclasses import fields
 from trainer.checkpoint import CheckpointError, describe, read_meta
 from trainer.data import DataError
 from trainer.flags import add_flags, flag_values, int_list
+from trainer.inject import AdapterConfig
 from trainer.nested import INFERENCE_RULES, SCALINGS
 from trainer.train import TrainConfig
 
-RULE_HELP = ("how rank k is served: trained (c_k = p[:k], the training forward's coefficients), "
-             "paper (s(k)·1ₖ, the paper's rule) or partial (Σ_{j≤k} s(j)·1ⱼ)")
+RULE_HELP = next(f for f in fields(AdapterConfig) if f.name == "inference_rule").metadata["help"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--model", help="base model (default: each checkpoint's base_model name)")
     e.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES),
-                   help=RULE_HELP + " (default: each checkpoint's own; auto: its method's default)")
+                   help=RULE_HELP + " (default: each checkpoint's own)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
     e.add_argument("--out", required=True, help="folder for results.json, results.csv, rank_curve.png")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--scaling", choices=SCALINGS, default="none",
                    help="s(k); only none makes every rank-k prefix the best rank-k approximation")
     n.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES), default="auto",
-                   help=RULE_HELP + "; auto: paper (trained serves the best rank-k part under any scaling)")
+                   help=RULE_HELP + " (trained serves the best rank-k part under any scaling)")
     return p
 
 

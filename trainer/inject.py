@@ -100,6 +100,11 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     return names
 
 
+def _coeff_tensors(config: AdapterConfig) -> dict[int, torch.Tensor]:
+    """The config's table {k: c_k} as float64 tensors (what the layers' coefficients are cut from)."""
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in config.coeffs.items()}
+
+
 class NestedAdapter:
     """A nested LoRA adapter injected into a model: rank selection, merging, (de)serialisation.
 
@@ -113,7 +118,7 @@ class NestedAdapter:
         self.layers = layers
         self.state = next(iter(layers.values())).state
         self.merged_rank: int | None = None  # rank folded into the base weights, if any
-        self._coeffs = {k: torch.tensor(v, dtype=torch.float64) for k, v in config.coeffs.items()}
+        self._coeffs = _coeff_tensors(config)
         self._pristine: dict[str, torch.Tensor] | None = None  # base weights before any remerge()
 
     # -- construction -----------------------------------------------------------------------
@@ -173,7 +178,7 @@ class NestedAdapter:
         if self.merged_rank is not None:
             raise RuntimeError("choose the inference rule before merging")
         self.config = self.config.with_rule(rule)
-        self._coeffs = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.config.coeffs.items()}
+        self._coeffs = _coeff_tensors(self.config)
         self.set_rank(self.config.r)
 
     def set_rank(self, k: int) -> None:
