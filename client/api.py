@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 
 from client.errors import from_response
-from server.protocol import GenerateRequest, GenerateResponse, RankInfo, StreamChunk
+from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                             GenerateRequest, GenerateResponse, RankInfo, StreamChunk)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRYABLE = (429, 503)
@@ -32,10 +33,15 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 def _chat_body(messages: list[dict], rank: int | str | None, model: str, params: dict) -> dict:
-    body = {"model": model, "messages": messages, **params}
-    if rank is not None:
-        body["rank"] = rank
-    return body
+    """Validated ``/v1/chat/completions`` body (the server's own model: bad options fail here)."""
+    body = ChatCompletionRequest.model_validate({"model": model, "messages": messages, "rank": rank, **params})
+    return body.model_dump(exclude_unset=True, by_alias=True)
+
+
+def _completion_body(prompt, rank: int | str | None, model: str, params: dict) -> dict:
+    """Validated ``/v1/completions`` body: ``prompt`` a string, strings, token ids or lists of them."""
+    body = CompletionRequest.model_validate({"model": model, "prompt": prompt, "rank": rank, **params})
+    return body.model_dump(exclude_unset=True, by_alias=True)
 
 
 def _delay(attempt: int, backoff: float, response: httpx.Response) -> float:
@@ -94,8 +100,18 @@ class Client:
 
     def chat(self, messages: list[dict], rank: int | str | None = None, **params) -> str:
         """The assistant's reply through the OpenAI-compatible chat endpoint."""
+        return self.chat_completion(messages, rank, **params).choices[0].message.content
+
+    def chat_completion(self, messages: list[dict], rank: int | str | None = None, **params) -> ChatCompletionResponse:
+        """``/v1/chat/completions`` whole; ``params`` are its fields (n, logprobs, top_logprobs,
+        response_format, presence_penalty, logit_bias, ...), checked before sending."""
         r = self._request("POST", "/v1/chat/completions", json=_chat_body(messages, rank, self.model, params))
-        return r.json()["choices"][0]["message"]["content"]
+        return ChatCompletionResponse.model_validate(r.json())
+
+    def completion(self, prompt, rank: int | str | None = None, **params) -> CompletionResponse:
+        """``/v1/completions``; ``params`` are its fields (max_tokens, n, logprobs, echo, ...)."""
+        r = self._request("POST", "/v1/completions", json=_completion_body(prompt, rank, self.model, params))
+        return CompletionResponse.model_validate(r.json())
 
     def ranks(self) -> RankInfo:
         return RankInfo.model_validate(self._request("GET", "/ranks").json())
@@ -151,9 +167,17 @@ class AsyncClient:
                     yield StreamChunk.model_validate_json(data)
 
     async def chat(self, messages: list[dict], rank: int | str | None = None, **params) -> str:
+        return (await self.chat_completion(messages, rank, **params)).choices[0].message.content
+
+    async def chat_completion(self, messages: list[dict], rank: int | str | None = None,
+                              **params) -> ChatCompletionResponse:
         r = await self._request("POST", "/v1/chat/completions",
                                 json=_chat_body(messages, rank, self.model, params))
-        return r.json()["choices"][0]["message"]["content"]
+        return ChatCompletionResponse.model_validate(r.json())
+
+    async def completion(self, prompt, rank: int | str | None = None, **params) -> CompletionResponse:
+        r = await self._request("POST", "/v1/completions", json=_completion_body(prompt, rank, self.model, params))
+        return CompletionResponse.model_validate(r.json())
 
     async def ranks(self) -> RankInfo:
         return RankInfo.model_validate((await self._request("GET", "/ranks")).json())

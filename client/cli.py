@@ -20,15 +20,27 @@ def rank_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"--rank takes an integer or 'auto', got {text!r}") from None
 
 
+def _connection_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command shares. They are accepted before the command and after it
+    (``client --url U ranks`` and ``client ranks --url U``): the sub-commands' copies default to
+    SUPPRESS, so one given before the command is not overwritten by a default after it."""
+    def d(value):
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--url", default=d(os.environ.get("MLORA_URL", DEFAULT_URL)), help="server URL (env MLORA_URL)")
+    p.add_argument("--api-key", default=d(os.environ.get("MLORA_API_KEY")), help="(env MLORA_API_KEY)")
+    p.add_argument("--timeout", type=float, default=d(300.0), help="seconds per request")
+    p.add_argument("--retries", type=int, default=d(2), help="retries on 429/503, honouring Retry-After")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="client", description="Talk to a rank-elastic server.")
-    p.add_argument("--url", default=os.environ.get("MLORA_URL", DEFAULT_URL), help="server URL (env MLORA_URL)")
-    p.add_argument("--api-key", default=os.environ.get("MLORA_API_KEY"), help="(env MLORA_API_KEY)")
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--retries", type=int, default=2, help="retries on 429/503, honouring Retry-After")
+    _connection_options(p, defaults=True)
+    shared = argparse.ArgumentParser(add_help=False)
+    _connection_options(shared, defaults=False)
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text at a rank")
+    g = sub.add_parser("generate", help="generate text at a rank", parents=[shared])
     g.add_argument("prompt")
     g.add_argument("--rank", type=rank_arg, default=None, help="a rank in {0} ∪ R, or auto")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -40,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     g.add_argument("--json", action="store_true", help="print the whole response as JSON")
 
-    sub.add_parser("ranks", help="the served ranks, scaling and per-rank eval table")
+    sub.add_parser("ranks", help="the served ranks, scaling and per-rank eval table", parents=[shared])
     from client.loadgen import add_parser
 
-    add_parser(sub)
+    add_parser(sub, parents=[shared])
     return p
 
 

@@ -318,8 +318,8 @@ def print_summary(rows: list[dict]) -> None:
               f"{r['overloaded']:>4} {r['failed']:>4}")
 
 
-def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="open-loop Poisson load; writes report.json and report.png")
+def add_parser(sub, parents=()) -> None:
+    b = sub.add_parser("bench", help="open-loop Poisson load; writes report.json and report.png", parents=list(parents))
     b.add_argument("--schedule", required=True, help="RATE:SECONDS,... e.g. 2:30,8:30,2:30")
     b.add_argument("--prompts", help="JSONL ({question} or {prompt}) or plain lines; default: built-in")
     b.add_argument("--rank", default="auto", help="rank of every request: an integer or auto")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,11 +23,11 @@ from server.control import ClusterSignals, RankController, calibrate
 from server.controller import ControllerConfig
 from server.engine import Engine, EngineConfig
 from server.merging import AutoMerge
-from server.deps import accepting, app_state, authorised, key_ok
+from server.deps import accepting, app_state, authorised, key_ok, respond
 from server.errors import EngineDead, InvalidRequest, PayloadTooLarge, ServingError
 from server.metrics import Metrics
-from server.protocol import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, RankInfo, StreamChunk
-from server.protocol import Timings, Usage
+from server.openai_serving import OpenAIServing
+from server.protocol import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, RankInfo
 from server.runner import ModelRunner
 from server.serving import ClientGone, Serving
 from server.settings import ServerSettings
@@ -44,6 +44,7 @@ class AppState:
     meta: dict  # the checkpoint's matryoshka.json ({} without an adapter)
     controller: RankController
     throughput: dict[int, float]  # measured decode tokens/s per rank ({} if not calibrated)
+    openai: OpenAIServing
     ready: bool = False
     draining: bool = False
 
@@ -114,7 +115,9 @@ def load_state(settings: ServerSettings) -> AppState:
                     ranks, auto_rank=lambda: controller.rank, on_step=metrics.record, on_tick=controller.tick,
                     auto_merge=auto_merge, on_stall=metrics.record_stall)
     metrics.watch(engine)
-    return AppState(settings, Serving(engine, tok, settings, ranks), engine, metrics, meta, controller, throughput)
+    serving = Serving(engine, tok, settings, ranks)
+    openai = OpenAIServing(serving, settings.served_name, settings.model, settings.default_rank, context)
+    return AppState(settings, serving, engine, metrics, meta, controller, throughput, openai)
 
 
 def error_response(exc: ServingError) -> JSONResponse:
@@ -227,7 +230,11 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
         msg = "; ".join(f"{_field_path(e.get('loc', ())) or 'body'}: {e.get('msg')}"
                         + (f" (got {e['input']!r:.60})" if "input" in e and e.get("type") != "missing" else "")
                         for e in errs)
-        return _error(422, "invalid_request_error", msg, param)
+        return _error(400, "invalid_request_error", msg, param)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -271,41 +278,11 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
                         controller=s.controller.describe(), merge=s.merge_info())
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(authorised)],
-              responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+              responses={400: {"model": ErrorBody}, 429: {"model": ErrorBody}, 504: {"model": ErrorBody}})
     async def generate(body: GenerateRequest, request: Request, s: AppState = Depends(accepting)):
-        serving = s.serving
-        sub = serving.submit(serving.encode_prompt(body.prompt), serving.resolve_rank(body.rank),
-                             body.sampling(serving.max_new_tokens(body.max_new_tokens)), body.timeout,
-                             elastic=body.rank_policy == "elastic", stream=body.stream)
-        if body.stream:
-            first = await serving.start(sub, request.is_disconnected)
-            return StreamingResponse(_native_events(serving, sub), media_type="text/event-stream",
-                                     headers={"X-Rank": str(first.rank), "Cache-Control": "no-cache"})
-        try:
-            res = await serving.collect(sub, request.is_disconnected)
-        except ClientGone:
-            return Response(status_code=499)
-        f = res.final
-        out = GenerateResponse(text=res.text, rank=f.rank, finish_reason=f.finish_reason,
-                               usage=Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
-                                           total_tokens=f.prompt_tokens + f.completion_tokens),
-                               timings=Timings(queue_s=f.queue_s, ttft_s=f.ttft_s, total_s=f.total_s))
-        return JSONResponse(out.model_dump(), headers={"X-Rank": str(f.rank)})
+        return respond(await s.serving.create_generation(body, request.is_disconnected))
 
     from server.openai_routes import router as openai_router
 
     app.include_router(openai_router)
     return app
-
-
-async def _native_events(serving: Serving, sub):
-    async for ev in serving.stream(sub):
-        if ev.text:
-            yield f"data: {StreamChunk(text=ev.text, rank=ev.rank).model_dump_json(exclude_none=True)}\n\n"
-        if ev.done:
-            chunk = StreamChunk(done=True, rank=ev.rank, finish_reason=ev.finish_reason,
-                                usage=Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                                            total_tokens=ev.prompt_tokens + ev.completion_tokens),
-                                timings=Timings(queue_s=ev.queue_s, ttft_s=ev.ttft_s, total_s=ev.total_s))
-            yield f"data: {chunk.model_dump_json()}\n\n"
-

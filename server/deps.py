@@ -37,3 +37,17 @@ async def accepting(request: Request):
     if s is None or s.draining or not s.ready:
         raise Draining("the server is not accepting requests (starting or shutting down); retry elsewhere")
     return s
+
+
+def respond(out):
+    """A serving layer's answer as HTTP: a :class:`~server.serving.Reply` is JSON, a
+    :class:`~server.serving.Streamed` server-sent events; both carry the rank in ``X-Rank``."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from server.serving import Streamed
+
+    headers = {"X-Rank": str(out.rank)}
+    if isinstance(out, Streamed):
+        return StreamingResponse(out.frames, media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+    return JSONResponse(out.body, headers=headers)

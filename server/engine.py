@@ -34,9 +34,10 @@ import torch
 from server import isolation
 from server.engine_types import AUTO, EngineConfig, Event, GenerationRequest, RankPolicy, Row, StepStats
 from server.errors import Draining, EngineDead, InvalidRequest, Overloaded
+from server.detok import IncrementalDetokenizer
 from server.merging import AutoMerge
 from server.runner import ModelRunner
-from server.sampling import make_generator, sample
+from server.sampling import RowSampling, Sampled, make_generator, sample
 from server.stops import find_stop, partial_stop
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,8 @@ class Engine:
                 rank = self.auto_rank() if req.rank == AUTO else req.rank
                 if req.elastic and req.rank != AUTO:
                     rank = min(rank, self.auto_rank())  # a ceiling the controller may lower
-                rows.append(Row(req, rank, make_generator(req.params.seed), admitted=now))
+                sampling = RowSampling(req.params, req.prompt_ids, make_generator(req.params.seed))
+                rows.append(Row(req, rank, sampling, IncrementalDetokenizer(self.tok), admitted=now))
             except Exception as e:  # e.g. a seed torch cannot take: this request alone
                 log.exception("request %s failed before prefill", req.id)
                 self._finish_unstarted(req, "error", stats, error=isolation.describe(e))
@@ -273,7 +275,8 @@ class Engine:
             return
         stats.prefill_tokens = sum(len(r.req.prompt_ids) for r in rows)
         try:
-            out, parts = isolation.prefill(self.runner, [r.req.prompt_ids for r in rows], [r.rank for r in rows])
+            out, parts = isolation.prefill(self.runner, [r.req.prompt_ids for r in rows], [r.rank for r in rows],
+                                           [r.req.prompt_logprobs for r in rows])
         except isolation.ModelBroken:
             with self._cv:  # back in the queue: _fail_all answers them once the engine is marked dead
                 self._waiting.extendleft(r.req for r in reversed(rows))
@@ -285,22 +288,28 @@ class Engine:
         for part in parts:
             self.runner.join(part)
         rows = [rows[i] for i in out.kept]
+        for row, scored in zip(rows, out.prompt_logprobs or []):
+            row.prompt_logprobs = scored
         self._rows.extend(rows)
-        if rows:
-            self._update(rows, out.logits, stats)
+        sampled = [i for i, r in enumerate(rows) if r.req.params.max_new_tokens > 0]
+        for row in rows:
+            if row.req.params.max_new_tokens == 0:  # scoring only (echo): nothing to generate
+                row.finish = "length"
+        if sampled:
+            self._update([rows[i] for i in sampled], out.logits[sampled], stats)
 
     def _update(self, rows: list[Row], logits: torch.Tensor, stats: StepStats) -> None:
         """Sample one token per row, stream its text, and mark rows that are done (a row whose
         sampling or text fails is marked failed; the others go on)."""
         try:
-            tokens = sample(logits, [r.req.params for r in rows], [r.generator for r in rows])
+            picks = sample(logits, [r.sampling for r in rows])
         except Exception:
             log.exception("sampling %d rows failed; sampling them one at a time", len(rows))
-            tokens = [self._sample_one(row, logits[i:i + 1]) for i, row in enumerate(rows)]
+            picks = [self._sample_one(row, logits[i:i + 1]) for i, row in enumerate(rows)]
         now = time.monotonic()
         stats.batch_size = max(stats.batch_size, len(rows))
-        for row, tok in zip(rows, tokens):
-            if tok is None:
+        for row, pick in zip(rows, picks):
+            if pick is None:
                 continue
             if row.first_token_at is None:
                 row.first_token_at = now
@@ -310,45 +319,58 @@ class Engine:
             row.last_token_at = now
             stats.generated[row.rank] += 1
             try:
-                self._append_token(row, tok)
+                self._append_token(row, pick)
             except Exception as e:
-                log.exception("request %s failed on its token %d", row.req.id, tok)
+                log.exception("request %s failed on its token %d", row.req.id, pick.token)
                 row.fail(isolation.describe(e))
 
     @staticmethod
-    def _sample_one(row: Row, logits: torch.Tensor) -> int | None:
+    def _sample_one(row: Row, logits: torch.Tensor) -> Sampled | None:
         try:
-            return sample(logits, [row.req.params], [row.generator])[0]
+            return sample(logits, [row.sampling])[0]
         except Exception as e:
             row.fail(isolation.describe(e))
             return None
 
-    def _append_token(self, row: Row, tok: int) -> None:
+    def _append_token(self, row: Row, pick: Sampled) -> None:
         """Add one token; stream the text that is now final (held back: an unfinished UTF-8
-        sequence, or a tail that may still turn into a stop string). A request that neither
-        streams nor has stop strings is decoded once, when it finishes."""
-        params = row.req.params
+        sequence, or a tail that may still turn into a stop string). The text grows
+        incrementally (:mod:`server.detok`): a few tokens are decoded per step, not the output."""
+        params, tok = row.req.params, pick.token
         if tok in self.eos_ids and not params.ignore_eos:
             row.finish = "stop"
         else:
+            row.sampling.accept(tok)  # a token the grammar refuses raises: this request fails alone
             row.generated.append(tok)
+            row.pending.append(tok)
+            if pick.logprob is not None:
+                row.pending_logprobs.append(pick.logprob)
+            row.detok.add(tok)
         if row.finish is None and len(row.generated) >= params.max_new_tokens:
             row.finish = "length"
-        if not row.req.stream and not params.stop:
-            return
-        text = self.tok.decode(row.generated, skip_special_tokens=True)
-        cut = find_stop(text, params.stop, len(row.emitted))
+        if row.finish is None and row.sampling.done:  # the JSON is complete
+            row.finish = "stop"
+        if row.finish is not None:
+            row.detok.flush()
+        text = row.detok.text
+        cut = find_stop(text, params.stop, len(row.emitted)) if params.stop else None
         if cut is not None:
             text, row.finish = text[:cut], "stop"
-        if row.finish is None:
-            if text.endswith("\ufffd"):
-                return
+        if row.finish is None and params.stop:
             text = text[:len(text) - partial_stop(text, params.stop)]
         delta = text[len(row.emitted):]
         if delta:
             row.emitted = text
             if row.req.stream:
-                self._send(row.req, Event(text=delta, token_ids=[tok], rank=row.rank))
+                self._send(row.req, self._event(row, text=delta))
+
+    def _event(self, row: Row, **fields) -> Event:
+        """An event for ``row`` carrying its tokens (and logprobs) not sent yet, and its prompt's
+        logprobs if this is its first event."""
+        ev = Event(token_ids=row.pending, logprobs=row.pending_logprobs if row.req.params.logprobs is not None
+                   else None, prompt_logprobs=row.prompt_logprobs, rank=row.rank, **fields)
+        row.pending, row.pending_logprobs, row.prompt_logprobs = [], [], None
+        return ev
 
     def _retire(self, stats: StepStats) -> None:
         keep = [i for i, r in enumerate(self._rows) if r.finish is None]
@@ -363,9 +385,7 @@ class Engine:
     def _finish_row(self, row: Row, stats: StepStats) -> None:
         now = time.monotonic()
         arrival = row.req.arrival
-        text = "" if row.req.stream else (row.emitted if row.req.params.stop
-                                          else self.tok.decode(row.generated, skip_special_tokens=True))
-        ev = Event(text=text, done=True, finish_reason=row.finish, rank=row.rank,
+        ev = self._event(row, text="" if row.req.stream else row.emitted, done=True, finish_reason=row.finish,
                    prompt_tokens=len(row.req.prompt_ids), completion_tokens=len(row.generated),
                    queue_s=row.admitted - arrival,
                    ttft_s=None if row.first_token_at is None else row.first_token_at - arrival,

@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import torch
+from server.detok import IncrementalDetokenizer
+from server.sampling import RowSampling, SamplingParams, TokenLogprob
 
 AUTO = "auto"
 
@@ -18,10 +19,14 @@ AUTO = "auto"
 @dataclass
 class Event:
     """What a request's sink receives: token deltas (streaming requests), then one final event
-    (``done=True``; for a request that does not stream, it carries the whole text)."""
+    (``done=True``; for a request that does not stream, it carries the whole text). ``token_ids``
+    (and ``logprobs``, when asked for) are the generated tokens not carried by an earlier event;
+    ``prompt_logprobs`` comes with the request's first event."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     done: bool = False
     finish_reason: str | None = None  # stop | length | timeout | abort | error
     rank: int | None = None
@@ -44,6 +49,7 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     elastic: bool = False  # rank is a ceiling the controller may lower under load
     stream: bool = True  # token deltas as they come; else one final event with the whole text
+    prompt_logprobs: int | None = None  # score the prompt too: each token's logprob and the top n (echo)
     id: str = ""
     arrival: float = field(default_factory=time.monotonic)
 
@@ -52,10 +58,14 @@ class GenerationRequest:
 class Row:
     req: GenerationRequest
     rank: int
-    generator: torch.Generator
+    sampling: RowSampling  # penalties' counts, grammar state, generator
+    detok: IncrementalDetokenizer
     admitted: float
     generated: list[int] = field(default_factory=list)
-    emitted: str = ""  # text already sent to the sink
+    emitted: str = ""  # text already sent to the sink (cut at a stop string)
+    pending: list[int] = field(default_factory=list)  # generated ids not yet carried by an event
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # sent with the first event, then None
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish: str | None = None

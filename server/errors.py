@@ -16,7 +16,7 @@ class ServingError(Exception):
 
 
 class InvalidRequest(ServingError):
-    status = 422
+    status = 400
     type = "invalid_request_error"
 
 

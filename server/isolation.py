@@ -44,22 +44,26 @@ class Outcome:
     kept: list[int]
     logits: torch.Tensor | None
     errors: dict[int, str]
+    prompt_logprobs: list | None = None  # prefill: per kept row, its prompt's logprobs (or None)
 
 
 @torch.inference_mode()
-def prefill(runner: ModelRunner, prompts: list[list[int]], ranks: list[int]) -> tuple[Outcome, list[Prefilled]]:
+def prefill(runner: ModelRunner, prompts: list[list[int]], ranks: list[int],
+            prompt_logprobs: list[int | None] | None = None) -> tuple[Outcome, list[Prefilled]]:
     """Prefill ``prompts`` together; if that raises, one at a time. Returns the outcome and the
     prefilled parts (not yet joined to the running batch)."""
+    scored = prompt_logprobs or [None] * len(prompts)
     try:
-        new = runner.prefill(prompts, ranks)
-        return Outcome(list(range(len(prompts))), new.logits, {}), [new]
+        new = runner.prefill(prompts, ranks, scored)
+        return Outcome(list(range(len(prompts))), new.logits, {}, new.prompt_logprobs), [new]
     except Exception as e:
         log.warning("prefill of %d prompts raised %s; retrying them one at a time", len(prompts), describe(e))
-        done, errors = _apart(len(prompts), e, lambda i: runner.prefill([prompts[i]], [ranks[i]]))
+        done, errors = _apart(len(prompts), e, lambda i: runner.prefill([prompts[i]], [ranks[i]], [scored[i]]))
     if not done:
         check_model(runner)
     parts = list(done.values())
-    return Outcome(list(done), torch.cat([p.logits for p in parts]) if parts else None, errors), parts
+    plp = [(p.prompt_logprobs or [None])[0] for p in parts]
+    return Outcome(list(done), torch.cat([p.logits for p in parts]) if parts else None, errors, plp), parts
 
 
 @torch.inference_mode()

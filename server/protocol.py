@@ -1,6 +1,6 @@
 """HTTP request/response models: the one definition the server and the client share.
 
-Unknown fields are rejected (422 naming the field) rather than silently ignored. Types are
+Unknown fields are rejected (400 naming the field) rather than silently ignored. Types are
 strict (``true`` is not a rank, ``"1"`` is not a number; an integer is a number), numbers are
 finite, and every bound below is what the engine can really take: a request
 the engine could not serve is refused here, with a 4xx, before it reaches the engine.
@@ -12,13 +12,17 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 INT64 = (-2**63, 2**63 - 1)  # torch.Generator.manual_seed takes a 64-bit seed
 MAX_STOPS, MAX_STOP_CHARS = 8, 64  # each generated token is checked against every stop's prefixes
 MAX_TOP_K = 2**31 - 1
 MAX_NAME_CHARS = 256  # model and user names
 MAX_MESSAGES = 256
+MAX_BIAS = 300  # logit_bias entries (OpenAI's limit)
+MAX_PROMPTS, MAX_N, MAX_CHOICES = 256, 16, 256  # prompts per request, samples per prompt, their product
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default cap; OpenAI's is 5 for completions)
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 def _unicode(s: str) -> str:
@@ -48,6 +52,14 @@ class _Sampling(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = no top-k cut")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p × the top token's probability")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted once from a token already generated")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0,
+                                     description="subtracted per time a token was already generated")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="CTRL-style, over prompt and output "
+                                      "tokens (1 = off)")
+    logit_bias: dict[str, float] | None = Field(None, description=f"token id → bias in [-100, 100] added to its "
+                                                f"logit (at most {MAX_BIAS} entries)")
     stop: Annotated[list[Stop], Field(max_length=MAX_STOPS), BeforeValidator(_one_or_many)] | None = Field(
         None, description=f"stop strings (not included in the text): one string or a list of up to "
         f"{MAX_STOPS}, 1 to {MAX_STOP_CHARS} characters each")
@@ -55,13 +67,30 @@ class _Sampling(_Strict):
     stream: bool = False
     ignore_eos: bool = Field(False, description="generate exactly the maximum number of tokens")
 
-    def sampling(self, max_new_tokens: int):
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > MAX_BIAS:
+            raise ValueError(f"at most {MAX_BIAS} logit_bias entries, got {len(v)}")
+        for key, bias in v.items():
+            if not key.isascii() or not key.isdigit() or len(key) > 9:
+                raise ValueError(f"logit_bias keys are token ids (decimal strings), got {key[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{key}] must be in [-100, 100], got {bias}")
+        return v
+
+    def to_sampling_params(self, max_new_tokens: int, logprobs: int | None = None, grammar=None):
         """The engine's SamplingParams (imported here: the client uses this module without torch)."""
         from server.sampling import SamplingParams
 
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, stop=list(self.stop or []), seed=self.seed,
-                              ignore_eos=self.ignore_eos)
+                              top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                              logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
+                              stop=list(self.stop or []), seed=self.seed, ignore_eos=self.ignore_eos,
+                              logprobs=logprobs, grammar=grammar)
 
 
 # -- native API ---------------------------------------------------------------------------------------
@@ -139,45 +168,6 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _OpenAIBase(_Sampling):
-    model: Name
-    rank: RankField | None = Field(None, description="extension: overrides a rank in the model name")
-    rank_policy: Literal["fixed", "elastic"] = "fixed"
-    max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    user: Name | None = None
-    stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    timeout: float | None = Field(None, gt=0)
-
-
-class CompletionRequest(_OpenAIBase):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "mlora@4", "prompt": "Ada has",
-                                                               "max_tokens": 4}]})
-
-    prompt: Text | list[Text]
-    echo: bool = Field(False, description="not supported: must be false")
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError(f"exactly one prompt is supported, got {len(v)}")
-            v = v[0]
-        if not v:
-            raise ValueError("prompt must not be empty")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-
 class TextPart(_Strict):
     type: Literal["text"]
     text: Text
@@ -207,12 +197,225 @@ class ChatMessage(_Strict):
     name: Name | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    name: Name = "response"
+    description: Text | None = None
+    schema_: dict = Field(alias="schema", description="a JSON Schema the output must validate against")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON that follows a schema
+    (enforced token by token: the output always parses, and validates against the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+
+class _OpenAIBase(_Sampling):
+    model: Name
+    rank: RankField | None = Field(None, description="extension: overrides a rank in the model name")
+    rank_policy: Literal["fixed", "elastic"] = "fixed"
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N, description="samples per prompt")
+    user: Name | None = None
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    timeout: float | None = Field(None, gt=0)
+
+    def prompt_count(self) -> int:
+        return 1
+
+    @model_validator(mode="after")
+    def _bounded_choices(self):
+        total = self.prompt_count() * self.n
+        if total > MAX_CHOICES:
+            raise ValueError(f"{self.prompt_count()} prompts × n {self.n} = {total} choices; at most "
+                             f"{MAX_CHOICES} per request")
+        if self.response_format is not None and self.response_format.type != "text" and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with a JSON response_format (the JSON ends the output)")
+        return self
+
+
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
+
+
+def _prompt_shape(v):
+    """One clear error for a prompt of the wrong shape (a union's per-member errors say nothing)."""
+    def ids(x, where: str) -> None:
+        if not x:
+            raise ValueError(f"{where} is an empty token list")
+        bad = next((t for t in x if type(t) is not int or not 0 <= t < 2**31), None)
+        if bad is not None:
+            raise ValueError(f"{where} holds {bad!r}: token ids are integers in [0, 2^31)")
+
+    if isinstance(v, str):
+        if not v:
+            raise ValueError("prompt must not be empty")
+        return v
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"prompt must be {PROMPT_SHAPES}; got "
+                         + ("an empty list" if isinstance(v, list) else type(v).__name__))
+    if len(v) > MAX_PROMPTS and not all(type(t) is int for t in v):
+        raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+    if all(isinstance(t, str) for t in v):
+        for i, t in enumerate(v):
+            if not t:
+                raise ValueError(f"prompt[{i}] must not be empty")
+    elif all(isinstance(t, list) for t in v):
+        for i, t in enumerate(v):
+            ids(t, f"prompt[{i}]")
+    elif all(type(t) is int for t in v):
+        ids(v, "prompt")
+    else:
+        raise ValueError(f"prompt must be {PROMPT_SHAPES}; got a list of "
+                         + " and ".join(sorted({type(t).__name__ for t in v})))
+    return v
+
+
+class CompletionRequest(_OpenAIBase):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "mlora@4", "prompt": "Ada has",
+                                                               "max_tokens": 4}]})
+
+    prompt: Annotated[Text | list[Text] | list[TokenId] | list[list[TokenId]], BeforeValidator(_prompt_shape)] = \
+        Field(description=PROMPT_SHAPES + "; each prompt is its own request, answered in order")
+    max_tokens: int | None = Field(None, ge=0, description="0 (with echo): score the prompt, generate nothing")
+    echo: bool = Field(False, description="return the prompt before the completion (with logprobs: the "
+                       "prompt tokens' own logprobs, the first null)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="logprob of each token and of the "
+                                 "n most likely alternatives")
+    suffix: Text | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt on its own: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def prompt_count(self) -> int:
+        return len(self.prompts())
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.suffix:
+            raise ValueError("suffix (fill in the middle) is not supported: this model only continues a prompt")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of {self.best_of} is not supported (only best_of = n: every sample is returned)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is only meaningful with echo (prompt logprobs)")
+        return self
+
+
 class ChatCompletionRequest(_OpenAIBase):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"model": "mlora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}]})
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None: the first prompt token (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None]  # the n most likely, and the chosen token
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+    rank: int | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    rank: int | None = None  # the first choice's (extension)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+    rank: int | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    rank: int | None = None
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's ``/tokenize``: a prompt, or chat messages through the model's template."""
+
+    model: Name | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: Name | None = None
+    tokens: list[TokenId]
 
 
 def openai_id(prefix: str) -> str:

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
+from server.sampling import TokenLogprob
 from trainer.inject import NestedAdapter
+
+HEAD_CHUNK = 256  # prompt positions per lm_head call when scoring a prompt: (256, V) logits at a time
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Prefilled:
     positions: torch.Tensor  # (b,) next position id per row
     ranks: list[int]
     logits: torch.Tensor  # (b, V) next-token logits
+    # per row: None, or the prompt's own logprobs (one entry per prompt token, the first None)
+    prompt_logprobs: list[list[TokenLogprob | None] | None] | None = None
 
 
 @dataclass
@@ -84,7 +89,12 @@ class ModelRunner:
 
     # -- the three operations ------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], ranks: list[int]) -> Prefilled:
+    def prefill(self, prompts: list[list[int]], ranks: list[int],
+                prompt_logprobs: list[int | None] | None = None) -> Prefilled:
+        """New rows, each at its rank. ``prompt_logprobs[i]`` = n also scores row i's prompt
+        (echo): each prompt token's logprob under the rows' model and its n most likely
+        alternatives, from the same forward (the decoder's hidden states through the head in
+        chunks, never the whole (b, L, V) logits at once)."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (b, Lp)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -94,8 +104,39 @@ class ModelRunner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, Lp)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, ranks)
-        return Prefilled(cache, mask, positions[:, -1] + 1, list(ranks), logits)
+        if not prompt_logprobs or all(n is None for n in prompt_logprobs):
+            logits = self._forward(ids, mask, positions, cache, ranks)
+            return Prefilled(cache, mask, positions[:, -1] + 1, list(ranks), logits)
+        captured = {}
+
+        def keep_hidden(module, args, out):
+            captured["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (b, Lp, H)
+
+        hook = self.model.get_decoder().register_forward_hook(keep_hidden)
+        try:
+            logits = self._forward(ids, mask, positions, cache, ranks)
+        finally:
+            hook.remove()
+        scored = [None if n is None else self._score_prompt(captured["h"][i, width - len(p):], p, n)
+                  for i, (p, n) in enumerate(zip(prompts, prompt_logprobs))]
+        return Prefilled(cache, mask, positions[:, -1] + 1, list(ranks), logits, scored)
+
+    def _score_prompt(self, hidden: torch.Tensor, ids: list[int], n: int) -> list[TokenLogprob | None]:
+        """``hidden`` (L, H): the prompt's hidden states; position j predicts token j + 1."""
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        target = torch.tensor(ids[1:], device=hidden.device)  # (L-1,)
+        out: list[TokenLogprob | None] = [None]
+        for a in range(0, len(ids) - 1, HEAD_CHUNK):
+            logits = head(hidden[a:a + HEAD_CHUNK][:len(target) - a]).float()  # (c, V)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            lp = logits.log_softmax(-1)
+            chosen = lp.gather(1, target[a:a + len(lp), None])[:, 0].tolist()
+            top_v, top_i = lp.topk(n, dim=-1) if n else (lp[:, :0], lp[:, :0].long())
+            for j, (c, vs, is_) in enumerate(zip(chosen, top_v.tolist(), top_i.tolist())):
+                out.append(TokenLogprob(ids[a + j + 1], c, list(zip(is_, vs))))
+        return out
 
     @torch.inference_mode()
     def join(self, new: Prefilled) -> None:

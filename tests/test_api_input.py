@@ -48,6 +48,11 @@ SAMPLING = [  # (field, value, the error names) for the fields every endpoint sh
     ("stream", 1, "valid boolean"), ("stream", "true", "valid boolean"), ("ignore_eos", None, "valid boolean"),
     ("timeout", 0, "greater than 0"), ("timeout", -1, "greater than 0"), ("timeout", "1", "valid number"),
     ("rank_policy", "loose", "'fixed' or 'elastic'"), ("unknown_field", 1, "Extra inputs are not permitted"),
+    ("presence_penalty", 2.5, "less than or equal to 2"), ("frequency_penalty", -3, "greater than or equal to -2"),
+    ("repetition_penalty", 0, "greater than 0"), ("min_p", 1.5, "less than or equal to 1"),
+    ("logit_bias", {"5": 101}, "must be in [-100, 100]"), ("logit_bias", {"a": 1}, "token ids"),
+    ("logit_bias", {"999999": 1}, "logit_bias names token 999999"), ("logit_bias", [5], "valid dictionary"),
+    ("logit_bias", {str(i): 1 for i in range(301)}, "at most 300"),
 ]
 PER_ENDPOINT = [
     (GEN, "prompt", "", "at least 1 character"), (GEN, "prompt", 5, "valid string"),
@@ -55,15 +60,25 @@ PER_ENDPOINT = [
     (GEN, "prompt", None, "valid string"), (GEN, "max_new_tokens", 0, "greater than or equal to 1"),
     (GEN, "max_new_tokens", LIMIT + 1, f"limit of {LIMIT}"), (GEN, "max_new_tokens", 2**64, f"limit of {LIMIT}"),
     (GEN, "max_new_tokens", 2.0, "valid integer"), (GEN, "max_new_tokens", True, "valid integer"),
-    (CMPL, "prompt", [], "exactly one prompt"), (CMPL, "prompt", ["a", "b"], "exactly one prompt"),
-    (CMPL, "prompt", "", "must not be empty"), (CMPL, "prompt", [[1, 2]], "valid string"),
+    (CMPL, "prompt", [], "got an empty list"), (CMPL, "prompt", [[]], "empty token list"),
+    (CMPL, "prompt", "", "must not be empty"), (CMPL, "prompt", [[1, "a"]], "token ids are integers"),
+    (CMPL, "prompt", [1.5], "a list of float"), (CMPL, "prompt", [2**40], "token ids are integers"),
+    (CMPL, "prompt", [True], "a list of bool"), (CMPL, "prompt", ["a", ""], "prompt[1] must not be empty"),
+    (CMPL, "prompt", [10**6], "out of range"), (CMPL, "prompt", ["a"] * 257, "at most 256 prompts"),
     (CMPL, "model", "gpt-4", "not served here"), (CMPL, "model", "mlora@3", "valid ranks are"),
     (CMPL, "model", "mlora@\u00b2", "not served here"), (CMPL, "model", "m" * 257, "at most 256 characters"),
-    (CMPL, "model", None, "valid string"), (CMPL, "echo", True, "echo is not supported"),
-    (CMPL, "n", 2, "less than or equal to 1"), (CMPL, "n", True, "valid integer"),
-    (CMPL, "max_tokens", LIMIT + 1, f"limit of {LIMIT}"), (CMPL, "presence_penalty", 0.5, "less than or equal to 0"),
+    (CMPL, "model", None, "valid string"), (CMPL, "echo", 1, "valid boolean"),
+    (CMPL, "n", 17, "less than or equal to 16"), (CMPL, "n", 0, "greater than or equal to 1"),
+    (CMPL, "n", True, "valid integer"), (CMPL, "max_tokens", 0, "only meaningful with echo"),
+    (CMPL, "max_tokens", LIMIT + 1, f"limit of {LIMIT}"), (CMPL, "suffix", "x", "suffix"),
+    (CMPL, "best_of", 2, "best_of 2 is not supported"), (CMPL, "logprobs", 21, "less than or equal to 20"),
+    (CMPL, "logprobs", True, "valid integer"), (CMPL, "response_format", {"type": "xml"}, "'json_schema'"),
+    (CMPL, "response_format", {"type": "json_schema"}, "json_schema is required"),
+    (CMPL, "response_format", {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}, "response_format"),
     (CMPL, "stream_options", {"include_usage": 1}, "valid boolean"), (CMPL, "stream_options", {"x": 1}, "Extra"),
-    (CMPL, "user", "u" * 257, "at most 256 characters"), (CMPL, "logit_bias", {"5": 1}, "Extra inputs"),
+    (CMPL, "user", "u" * 257, "at most 256 characters"),
+    (CHAT, "top_logprobs", 2, "top_logprobs needs logprobs"), (CHAT, "logprobs", 1, "valid boolean"),
+    (CHAT, "n", 17, "less than or equal to 16"),
     (CHAT, "messages", [], "at least 1 item"), (CHAT, "messages", [{"role": "user"}], "Field required"),
     (CHAT, "messages", [{"role": "robot", "content": "hi"}], "'system', 'user'"),
     (CHAT, "messages", [{"role": "user", "content": "hi", "extra": 1}], "Extra inputs"),
@@ -88,22 +103,22 @@ def assert_error_shape(r: httpx.Response, status: set[int], message: str | None 
                          ids=[f"{ep}-{f}-{json.dumps(v)[:20]}" for ep, f, v, _ in CASES])
 def test_every_field_past_its_bounds_gets_a_4xx_naming_it(http, endpoint, field, value, message):
     r = http.post(endpoint, json={**BASE[endpoint], field: value})
-    err = assert_error_shape(r, {404, 422}, message)
+    err = assert_error_shape(r, {400, 404}, message)
     assert err["param"] is None or err["param"].split(".")[0] == field, err  # names the field the client sent
 
 
 RAW = [  # bodies JSON tools would not write: (endpoint, raw bytes, content type, status)
-    (GEN, b'{"prompt": "x", "temperature": NaN}', "application/json", 422),
-    (GEN, b'{"prompt": "x", "timeout": Infinity}', "application/json", 422),
-    (GEN, b'{"prompt": "\\ud800"}', "application/json", 422),  # a lone surrogate
-    (CHAT, b'{"model": "mlora", "messages": [{"role": "user", "content": "\\udfff"}]}', "application/json", 422),
-    (GEN, b'{"prompt": "x", "prompt": 5}', "application/json", 422),  # duplicate key: the last wins
+    (GEN, b'{"prompt": "x", "temperature": NaN}', "application/json", 400),
+    (GEN, b'{"prompt": "x", "timeout": Infinity}', "application/json", 400),
+    (GEN, b'{"prompt": "\\ud800"}', "application/json", 400),  # a lone surrogate
+    (CHAT, b'{"model": "mlora", "messages": [{"role": "user", "content": "\\udfff"}]}', "application/json", 400),
+    (GEN, b'{"prompt": "x", "prompt": 5}', "application/json", 400),  # duplicate key: the last wins
     (GEN, b'{"prompt": "\xff\xfe"}', "application/json", 400),  # not UTF-8
     (GEN, b"[" * 2000 + b"]" * 2000, "application/json", 400),  # deep nesting
-    (GEN, b'{"prompt": {"a": {"b": {"c": [[[[[]]]]]}}}}', "application/json", 422),
-    (GEN, b"{not json", "application/json", 422), (GEN, b"", "application/json", 422),
-    (GEN, b"null", "application/json", 422), (GEN, b'"x"', "application/json", 422),
-    (GEN, b"[]", "application/json", 422), (GEN, b'{"prompt": "x"}', "text/plain", 422),
+    (GEN, b'{"prompt": {"a": {"b": {"c": [[[[[]]]]]}}}}', "application/json", 400),
+    (GEN, b"{not json", "application/json", 400), (GEN, b"", "application/json", 400),
+    (GEN, b"null", "application/json", 400), (GEN, b'"x"', "application/json", 400),
+    (GEN, b"[]", "application/json", 400), (GEN, b'{"prompt": "x"}', "text/plain", 400),
     (GEN, b"x" * (MAX_BODY + 1), "application/json", 413),
     (CMPL, b'{"model": "mlora", "prompt": "x"' + b" " * MAX_BODY + b"}", "application/json", 413),
 ]
@@ -132,10 +147,10 @@ def raw_status(port: int, request: str) -> str:
 
 def test_a_seed_that_once_killed_the_engine_is_refused_on_every_endpoint_and_the_server_goes_on(http):
     """The original report: a 30-digit seed reached manual_seed, the engine died for good and
-    /health stayed 200. Now: 422 at the boundary, and the engine never notices."""
+    /health stayed 200. Now: 400 at the boundary, and the engine never notices."""
     for endpoint in BASE:
         err = assert_error_shape(http.post(endpoint, json={**BASE[endpoint], "seed": 10**30, "temperature": 1}),
-                                 {422}, "seed")
+                                 {400}, "seed")
         assert err["param"] == "seed"
     edge = http.post(GEN, json={**BASE[GEN], "seed": 2**63 - 1, "temperature": 1.0, "top_k": 2**31 - 1})
     assert edge.status_code == 200, edge.text  # the bounds themselves are served

@@ -91,7 +91,7 @@ def test_openai_sdk_completions_chat_streaming_and_models(server):
     parts = client.chat.completions.create(model="mlora@4", max_tokens=6, messages=[  # guidellm sends parts
         {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert parts.choices[0].message.content == chat.choices[0].message.content
-    with pytest.raises(openai.UnprocessableEntityError, match=r"content\[1\] is a 'image_url' part"):
+    with pytest.raises(openai.BadRequestError, match=r"content\[1\] is a 'image_url' part"):
         client.chat.completions.create(model="mlora@4", max_tokens=6, messages=[{"role": "user", "content": [
             {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}])
     stream = client.chat.completions.create(model="mlora@4", messages=[{"role": "user", "content": "hi"}],
@@ -110,7 +110,7 @@ def test_openai_sdk_maps_errors(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
-    with pytest.raises(openai.UnprocessableEntityError, match=r"valid ranks are \[0, 1, 2, 4, 8\]"):
+    with pytest.raises(openai.BadRequestError, match=r"valid ranks are \[0, 1, 2, 4, 8\]"):
         client.completions.create(model="mlora@3", prompt="x", max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).completions.create(
@@ -118,12 +118,12 @@ def test_openai_sdk_maps_errors(server):
 
 
 @pytest.mark.parametrize("body, status, param, message", [
-    ({"prompt": "x", "rank": 3}, 422, "rank", r"valid ranks are \[0, 1, 2, 4, 8\]"),
-    ({"prompt": "x", "max_new_tokens": 401}, 422, "max_new_tokens", "limit of 400"),
-    ({"prompt": "x " * 300, "max_new_tokens": 400}, 422, "max_new_tokens", "exceeds the model's context of 512"),
-    ({"prompt": "x", "temprature": 0.5}, 422, "temprature", "Extra inputs are not permitted"),
-    ({"prompt": ""}, 422, "prompt", "at least 1 character"),
-    ({"prompt": "x", "top_p": 0}, 422, "top_p", "greater than 0"),
+    ({"prompt": "x", "rank": 3}, 400, "rank", r"valid ranks are \[0, 1, 2, 4, 8\]"),
+    ({"prompt": "x", "max_new_tokens": 401}, 400, "max_new_tokens", "limit of 400"),
+    ({"prompt": "x " * 300, "max_new_tokens": 400}, 400, "max_new_tokens", "exceeds the model's context of 512"),
+    ({"prompt": "x", "temprature": 0.5}, 400, "temprature", "Extra inputs are not permitted"),
+    ({"prompt": ""}, 400, "prompt", "at least 1 character"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
     ({"prompt": "x" * 5000}, 413, None, "exceeds 4096 bytes"),
 ])
 def test_bad_input_gets_one_error_shape(http, body, status, param, message):
@@ -136,7 +136,7 @@ def test_bad_input_gets_one_error_shape(http, body, status, param, message):
 
 def test_malformed_json_and_wrong_key_and_unknown_route(server, http):
     r = http.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/generate", json={"prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(server.url + "/metrics").status_code == 200  # scraping needs no key

@@ -244,6 +244,18 @@ def answer_scores(model, examples: list[Example], pad_id: int, batch_size: int,
     return total / count, exact / len(examples)
 
 
+@torch.no_grad()
+def loglikelihood(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """log p(continuation | context) summed over its tokens, and whether greedy decoding would
+    produce it (every token the argmax): what lm-evaluation-harness's loglikelihood requests
+    ask a model, computed in-process at the adapter's current rank, one unpadded forward."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([context + continuation], device=device)  # (1, T)
+    logp = model(input_ids=ids).logits[0, len(context) - 1:-1].float().log_softmax(-1)  # (len(cont), V)
+    target = torch.tensor(continuation, device=device)
+    return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+
 def evaluate_rank(model, tok, task: Task, encoded: tuple[list[list[int]], list[Example]], batch_size: int,
                   max_new_tokens: int, desc: str, progress: bool = True, generate_answers: bool = True) -> dict:
     """One row of the table: strict, flexible (fractions correct; None without generation), exact
