@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="server", description="Serve a base model + nested LoRA adapter at any rank.")
     for flag, (name, typ) in FLAGS.items():
         field = ServerSettings.model_fields[name]
-        p.add_argument(flag, dest=name, type=typ, default=None,
-                       help=f"{field.description or ''} (env MLORA_{name.upper()}; default {field.default!r})")
+        text = f"{field.description or ''} (env MLORA_{name.upper()}; default {field.default!r})"
+        p.add_argument(flag, dest=name, type=typ, default=None, help=text.replace("%", "%%"))  # argparse formats %
     return p
 
 

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainer.models import DTYPE_HELP
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLORA_", extra="forbid")
@@ -16,7 +18,7 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    dtype: str = Field("auto", description=DTYPE_HELP + " | float16")
     inference_rule: Literal["auto", "trained", "paper", "partial"] | None = Field(
         None, description="serve every rank under this rule instead of the checkpoint's own (trained: "
         "c_k = p[:k]; paper: s(k)·1ₖ; partial: Σ_{j≤k} s(j)·1ⱼ; auto: the method's default)")

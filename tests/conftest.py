@@ -4,11 +4,14 @@ HF folder so that every code path that takes ``--model PATH`` runs on it in mill
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from server.engine import Engine, EngineConfig, Event, GenerationRequest
+from server.runner import ModelRunner
 from trainer.data import demo_records
 from trainer.inject import AdapterConfig, NestedAdapter
 
@@ -76,10 +79,86 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def load_tiny(folder: Path):
+def load_tiny(folder: Path, dtype: torch.dtype = torch.float32):
     from trainer.models import load_model
 
-    return load_model(str(folder), "cpu", torch.float32)
+    return load_model(str(folder), "cpu", dtype)
+
+
+# -- the engine without HTTP: a fixture, a reference, a sink and a driver ------------------------
+PROMPTS = ["Ada has 12 apples and gets 7 more.", "Question: how many", "Ben",
+           "Chen shares 40 coins equally among 4 friends. How many does each friend get?",
+           "Dara had 30 stamps", "the a an of to is was"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    model, tok = load_tiny(tiny_model_dir)
+    torch.manual_seed(3)
+    adapter = NestedAdapter.inject(model, AdapterConfig(r=8))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.lora_Bt.normal_(std=0.3)  # strong enough that every rank answers differently
+    return model, tok, adapter
+
+
+def make_engine(setup, **cfg) -> Engine:
+    model, tok, adapter = setup
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    return Engine(runner, tok, EngineConfig(**cfg), adapter.config.ranks, auto_rank=lambda: 8)
+
+
+def reference(setup, prompt_ids: list[int], rank: int, n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """One request alone, the plain way: full forward over the whole sequence at each step."""
+    model, tok, adapter = setup
+    adapter.set_rank(rank)
+    ids, steps = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            steps.append(logits)
+            nxt = int(logits.argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+    return ids[len(prompt_ids):], steps
+
+
+class Collector:
+    """A request's sink: keeps its events; ``then(ev)`` runs after each (on the engine thread)."""
+
+    def __init__(self, then=None):
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.then = then
+
+    def __call__(self, ev: Event) -> None:
+        self.events.append(ev)
+        if self.then is not None:
+            self.then(ev)
+        if ev.done:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    @property
+    def final(self) -> Event:
+        return self.events[-1]
+
+
+def run_all(engine: Engine, reqs: list[GenerationRequest]) -> None:
+    engine.start()
+    try:
+        for r in reqs:
+            engine.submit(r)
+        for r in reqs:
+            assert r.sink.done.wait(60)
+    finally:
+        engine.stop()
+
+
 
 
 # -- a real server on loopback ----------------------------------------------------------------------
@@ -89,7 +168,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import threading  # noqa: E402
 
 import httpx  # noqa: E402
 

@@ -15,8 +15,7 @@ from server.engine import Engine, EngineConfig, GenerationRequest
 from server.errors import EngineDead
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
-from test_engine import PROMPTS, Collector, make_engine, reference, run_all
-from test_engine import setup  # noqa: F401  (the module's fixture)
+from conftest import PROMPTS, Collector, make_engine, reference, run_all
 
 
 def greedy(n: int = 8) -> SamplingParams:

@@ -5,7 +5,6 @@ benchmarks/overload.py, its output benchmarks/overload.txt): every answer is a f
 from __future__ import annotations
 
 import signal
-import time
 from collections import Counter
 
 import httpx

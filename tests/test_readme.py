@@ -109,3 +109,18 @@ def test_every_python_example_runs(env):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                               cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, f"README.md:{line}\n{code}\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("cli, argv", [
+    ("server", []), ("trainer", []), ("trainer", ["train"]), ("trainer", ["info"]), ("trainer", ["eval"]),
+    ("trainer", ["export"]), ("trainer", ["nest"]), ("client", []), ("client", ["generate"]),
+    ("client", ["ranks"]), ("client", ["bench"]),
+])
+def test_every_command_prints_its_help(cli, argv, capsys):
+    """A stranger's first command. (``server --help`` once died on a ``%`` in one option's help.)"""
+    import importlib
+
+    parser = importlib.import_module(f"{cli}.cli").build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*argv, "--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from trainer.checkpoint import CheckpointError, describe, read_meta
 from trainer.data import DataError
 from trainer.flags import add_flags, flag_values, int_list
 from trainer.inject import AdapterConfig
+from trainer.models import DTYPE_HELP
 from trainer.nested import INFERENCE_RULES, SCALINGS
 from trainer.train import TrainConfig
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES),
                    help=RULE_HELP + " (default: each checkpoint's own)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    e.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    e.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     e.add_argument("--out", required=True, help="folder for results.json, results.csv, rank_curve.png")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 

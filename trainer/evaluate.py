@@ -69,7 +69,7 @@ class EvalConfig:
     batch_size: int = 8  # prompts per generation / NLL batch
     max_new_tokens: int = 256  # the harness's GSM8K generation budget
     device: str = "auto"
-    dtype: str = "auto"  # bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"  # trainer.models.DTYPE_HELP
     progress: bool = True
 
     def validate(self) -> None:

@@ -29,7 +29,7 @@ from trainer.checkpoint import load_adapter_weights, save_adapter
 from trainer.data import IGNORE, Example, collate, load_examples
 from trainer.flags import flag_of
 from trainer.inject import AdapterConfig, NestedAdapter
-from trainer.models import load_model, resolve_device, resolve_dtype
+from trainer.models import DTYPE_HELP, load_model, resolve_device, resolve_dtype
 from trainer.nested import TRAIN_METHODS
 from trainer.train_state import read_training_state, restore_training_state, save_training_state
 
@@ -69,7 +69,7 @@ class TrainConfig:
     save_every: int = _opt(0, "steps between periodic checkpoints (OUT/step-N); 0: only the final one")
     log_every: int = _opt(1, "steps between progress-bar updates")
     device: str = _opt("auto", "auto | cpu | cuda")
-    dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    dtype: str = _opt("auto", DTYPE_HELP)
     resume: str | None = _opt(None, "checkpoint folder (with training state) to continue from")
     progress: bool = _opt(True, "no progress bar", flag="--no-progress")
 
