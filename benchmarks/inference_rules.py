@@ -15,7 +15,7 @@ evaluates every checkpoint at every rank under every rule on two tasks:
   on the last ``FACT_LAYERS`` decoder layers only, so that backward stops there (a 2-core CPU
   budget).
 * ``gsm8k``: a GSM8K subset (32 train records, 8 steps of 4, r = 16), answer NLL on the first
-  16 test problems.
+  8 test problems.
 
 Each cell is the mean over seeds with a 95% t-interval. Phases (resumable; finished steps are
 skipped)::
@@ -43,7 +43,7 @@ FACT_LAYERS = 8  # of SmolLM2-135M's 30
 TASKS = {
     "facts": dict(n_facts=32, rank=8, lr=3e-3, batch_size=16, epochs=40, warmup=4, max_length=64),
     "gsm8k": dict(rank=16, lr=3e-3, batch_size=4, steps=8, warmup=2, max_length=256, train_limit=32,
-                  test_n=16),
+                  test_n=8),
 }
 
 
@@ -126,8 +126,9 @@ def task_examples(task: str, run_dir: Path, seed: int, tok) -> list:
     return tokenize(records, shape, tok, max_length=None)[0]
 
 
-def eval_task(task: str, run_dir: Path, model_name: str, cache: dict) -> None:
-    """Fill ``cache[task][method][seed][rule][rank] = {exact, nll}`` for what is not there yet."""
+def eval_task(task: str, run_dir: Path, model_name: str, cache: dict, save=lambda: None) -> None:
+    """Fill ``cache[task][method][seed][rule][rank] = {exact, nll}`` for what is not there yet;
+    ``save()`` after each checkpoint (a long task resumes where it stopped)."""
     import torch
 
     from trainer.checkpoint import load_adapter
@@ -146,16 +147,28 @@ def eval_task(task: str, run_dir: Path, model_name: str, cache: dict) -> None:
             if all(rule in cell for rule in RULES):
                 continue
             adapter, _ = load_adapter(ckpt, model)
+            base = None  # rank 0 is the base model under every rule: scored once
+            done: dict[str, dict] = {}  # rules with the same coefficients (DyLoRA: trained = paper) are scored once
             for rule in RULES:
                 adapter.set_inference_rule(rule)
+                same = next((r for r in done if done[r] == adapter.config.coeffs), None)
+                if same is not None:
+                    cell[rule] = cell[same]
+                    continue
+                done[rule] = dict(adapter.config.coeffs)
                 rows = cell[rule] = {}
                 for k in [0, *adapter.config.ranks]:
                     adapter.set_rank(k)
+                    if k == 0 and base is not None:
+                        rows["0"] = base
+                        continue
                     nll, exact = answer_scores(model, examples, tok.pad_token_id, 16)
                     rows[str(k)] = {"exact": exact, "nll": round(nll, 5)}
+                    base = rows["0"]
                 print(f"  {task} {method} s{seed} {rule}: " + "  ".join(
                     f"r{k} {v['exact']:.3f}/{v['nll']:.3f}" for k, v in rows.items()), flush=True)
             adapter.merge_and_unload(0)  # back to the plain base model for the next checkpoint
+            save()
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -230,8 +243,7 @@ def phase_eval(run_dir: Path, results: Path, model: str, tasks: list[str]) -> No
     for task in tasks:
         if not (run_dir / task).is_dir():
             continue
-        eval_task(task, run_dir, model, cache)
-        path.write_text(json.dumps(cache, indent=1) + "\n")
+        eval_task(task, run_dir, model, cache, save=lambda: path.write_text(json.dumps(cache, indent=1) + "\n"))
     (results / "tables.md").write_text(tables(cache))
     plot(cache, results / "rules.png")
     print(tables(cache))

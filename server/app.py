@@ -19,7 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.control import ClusterSignals, RankController, calibrate
+from server.calibration import cache_key, calibrate
+from server.control import ClusterSignals, RankController
 from server.controller import ControllerConfig
 from server.engine import Engine, EngineConfig
 from server.merging import AutoMerge
@@ -62,62 +63,102 @@ class AppState:
 
 
 def load_state(settings: ServerSettings) -> AppState:
-    """Load base model + adapter and build the engine (blocking; seconds)."""
-    import torch
+    """The composition root, in named steps (blocking; seconds): model → adapter (in the model's
+    dtype) → merge policy → metrics → runner → calibration → controller → engine → serving."""
+    model, tok, device = _setup_model(settings)
+    adapter, meta = _setup_adapter(settings, model)
+    ranks = adapter.config.ranks if adapter else []
+    auto_merge = _setup_merge(settings, adapter, ranks)
+    metrics = _setup_metrics(settings, adapter, meta, ranks)
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    throughput = _setup_calibration(settings, runner, tok, meta, device, ranks, auto_merge)
+    controller = _setup_controller(settings, metrics, throughput, ranks, auto_merge)
+    context = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", tok.model_max_length))
+    engine = _setup_engine(settings, runner, tok, context, ranks, controller, metrics, auto_merge)
+    serving = Serving(engine, tok, settings, ranks)
+    openai = OpenAIServing(serving, settings.served_name, settings.model, settings.default_rank, context)
+    return AppState(settings, serving, engine, metrics, meta, controller, throughput, openai)
 
-    from trainer.checkpoint import load_adapter
-    from trainer.models import cache_dir, load_model, resolve_device, resolve_dtype
+
+def _setup_model(settings: ServerSettings):
+    from trainer.models import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(settings.device)
     model, tok = load_model(settings.model, device, resolve_dtype(settings.dtype, device))
-    adapter, meta = (None, {})
-    if settings.adapter:
-        adapter, meta = load_adapter(settings.adapter, model, settings.inference_rule)
-        if model.dtype != torch.float32:  # serve the adapter in the base dtype (no autocast here)
-            for layer in adapter.layers.values():
-                layer.to(model.dtype)
-    ranks = adapter.config.ranks if adapter else []
-    auto_merge = None
-    if settings.merge_rank is not None:
-        if adapter is None:
-            raise ValueError(f"--merge-rank {settings.merge_rank} needs an --adapter to merge")
-        if settings.merge_rank == "auto":  # start with the rank 'auto' requests get first: the top
-            top = settings.max_rank if settings.max_rank is not None else ranks[-1]
-            adapter.remerge(top)
-            auto_merge = AutoMerge(merged=top, dwell_s=settings.merge_dwell_s)
-        else:
-            adapter.merge(settings.merge_rank)
+    return model, tok, device
+
+
+def _setup_adapter(settings: ServerSettings, model):
+    """The checkpoint (validated against the base), served in the base model's dtype."""
+    import torch
+
+    from trainer.checkpoint import load_adapter
+
+    if not settings.adapter:
+        return None, {}
+    adapter, meta = load_adapter(settings.adapter, model, settings.inference_rule)
+    if model.dtype != torch.float32:  # no autocast when serving: the adapter runs in the base dtype
+        for layer in adapter.layers.values():
+            layer.to(model.dtype)
+    return adapter, meta
+
+
+def _setup_merge(settings: ServerSettings, adapter, ranks: list[int]) -> AutoMerge | None:
+    """``--merge-rank N`` folds rank N in once; ``auto`` starts with the rank ``auto`` requests
+    get first (the top) and returns the policy that re-merges as the traffic shifts."""
+    if settings.merge_rank is None:
+        return None
+    if adapter is None:
+        raise ValueError(f"--merge-rank {settings.merge_rank} needs an --adapter to merge")
+    if settings.merge_rank != "auto":
+        adapter.merge(settings.merge_rank)
+        return None
+    top = settings.max_rank if settings.max_rank is not None else ranks[-1]
+    adapter.remerge(top)
+    return AutoMerge(merged=top, dwell_s=settings.merge_dwell_s)
+
+
+def _setup_metrics(settings: ServerSettings, adapter, meta: dict, ranks: list[int]) -> Metrics:
     metrics = Metrics()
     metrics.set_info(settings.model, settings.adapter or "", ranks, meta.get("scaling", ""), meta.get("method", ""))
     if adapter is not None and adapter.merged_rank is not None:
         metrics.merged_rank.set(adapter.merged_rank)
-    context = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", tok.model_max_length))
-    runner = ModelRunner(model, adapter, tok.pad_token_id)
-    throughput = {}
-    if adapter is not None and settings.calibrate_steps > 0:
-        key = {"model": settings.model, "adapter": meta.get("adapter_sha256"), "device": str(device),
-               "dtype": str(model.dtype), "batch": settings.max_batch_size, "steps": settings.calibrate_steps,
-               "merge_rank": settings.merge_rank}
-        prompt = tok("Question: how many apples are left?\nAnswer: ")["input_ids"]
-        throughput = calibrate(runner, prompt, [0, *ranks], settings.max_batch_size, settings.calibrate_steps,
-                               cache_dir(), key, same_cost=auto_merge is not None)
-        log.info("measured decode tokens/s per rank at batch %d: %s", settings.max_batch_size, throughput)
+    return metrics
+
+
+def _setup_calibration(settings: ServerSettings, runner: ModelRunner, tok, meta: dict, device, ranks: list[int],
+                       auto_merge: AutoMerge | None) -> dict[int, float]:
+    from trainer.models import cache_dir
+
+    if runner.adapter is None or settings.calibrate_steps <= 0:
+        return {}
+    prompt = tok("Question: how many apples are left?\nAnswer: ")["input_ids"]
+    throughput = calibrate(runner, prompt, [0, *ranks], settings.max_batch_size, settings.calibrate_steps,
+                           cache_dir(), cache_key(settings, meta, device, runner.model.dtype),
+                           same_cost=auto_merge is not None)
+    log.info("measured decode tokens/s per rank at batch %d: %s", settings.max_batch_size, throughput)
+    return throughput
+
+
+def _setup_controller(settings: ServerSettings, metrics: Metrics, throughput: dict[int, float], ranks: list[int],
+                      auto_merge: AutoMerge | None) -> RankController:
     cfg = ControllerConfig.build(ranks, settings.min_rank, settings.max_rank, policy=settings.controller,
                                  dwell_s=settings.dwell_s, down_queue=settings.down_queue,
                                  up_queue=settings.up_queue, smooth_s=settings.smooth_s,
                                  slo_p95_s=settings.slo_p95_ms / 1000, min_gain=settings.min_gain,
                                  equal_costs=auto_merge is not None, batch_size=settings.max_batch_size)
     cluster = ClusterSignals(settings.prometheus_url) if settings.prometheus_url else None
-    controller = RankController(cfg, metrics, throughput, cluster)
-    engine = Engine(runner, tok,
-                    EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context,
-                                 settings.step_timeout_s),
-                    ranks, auto_rank=lambda: controller.rank, on_step=metrics.record, on_tick=controller.tick,
-                    auto_merge=auto_merge, on_stall=metrics.record_stall)
+    return RankController(cfg, metrics, throughput, cluster)
+
+
+def _setup_engine(settings: ServerSettings, runner: ModelRunner, tok, context: int, ranks: list[int],
+                  controller: RankController, metrics: Metrics, auto_merge: AutoMerge | None) -> Engine:
+    config = EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context,
+                          settings.step_timeout_s)
+    engine = Engine(runner, tok, config, ranks, auto_rank=lambda: controller.rank, on_step=metrics.record,
+                    on_tick=controller.tick, auto_merge=auto_merge, on_stall=metrics.record_stall)
     metrics.watch(engine)
-    serving = Serving(engine, tok, settings, ranks)
-    openai = OpenAIServing(serving, settings.served_name, settings.model, settings.default_rank, context)
-    return AppState(settings, serving, engine, metrics, meta, controller, throughput, openai)
+    return engine
 
 
 def error_response(exc: ServingError) -> JSONResponse:

@@ -168,7 +168,7 @@ def test_in_a_simulated_engine_the_controller_recovers_in_time_and_holds_a_stead
 
 
 def test_the_calibrated_table_never_rises_with_the_rank_and_stays_closest_to_the_measurement():
-    from server.control import non_increasing
+    from server.calibration import non_increasing
 
     measured = {0: 63.3, 1: 60.3, 2: 59.7, 4: 55.2, 8: 58.8, 16: 62.7, 32: 62.9, 64: 58.0}  # a real, noisy one
     table = non_increasing(measured)
