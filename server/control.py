@@ -21,7 +21,7 @@ import time
 import httpx
 from prometheus_client import CollectorRegistry
 
-from server.controller import ControllerConfig, Decision, Observation, decide, initial_state
+from server.controller import ControllerConfig, Decision, Observation, decide, initial_state, rungs
 from server.metrics import LATENCY_BUCKETS, Metrics
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,8 @@ class RankController:
     def describe(self) -> dict:
         obs = self.last_observation
         return {"policy": self.cfg.policy, "rank": self.rank, "ladder": list(self.cfg.ladder),
+                "rungs": list(rungs(self.cfg, self.throughput)), "min_gain": self.cfg.min_gain,
+                "cost_curve": {str(k): v for k, v in sorted(self.throughput.items())},
                 "since_s": round(time.monotonic() - self.state.since, 1),
                 "last_reason": self.last.reason if self.last else None,
                 "queue_avg": round(self.state.queue_avg, 2), "busy_avg": round(self.state.busy_avg, 2),

@@ -23,12 +23,16 @@ load is far inside capacity and ``dwell_s`` suffices: the way back to the top ra
 is short. ``benchmarks/controller_sim.py`` measures these rules against fixed dwells
 (docs/controller.md has the figures).
 
-Either policy lowers the rank only when that buys something (otherwise: reason ``no_gain``).
-With ``equal_costs`` (the server sets it under ``--merge-rank auto``, where a batch at any rank
-runs at the base model's cost) it never lowers: the most accurate rank is free. With
-``min_gain`` set, a down-move also needs the measured throughput of the lowest rung to beat the
-current rank's by more than that fraction; off by default, because a short startup calibration is
-noisy enough to hide a real gain (unmerged, rank 0 skips the adapter: lowering always saves).
+Both policies move only between rungs that buy something (:func:`rungs`): on the measured
+cost curve (decode tokens/s per rank at a full batch), a rank is a rung only if it is more than
+``min_gain`` faster than the next higher rung kept, so a rank that costs what the one above it
+costs is never taken: a down-move goes straight to the next rung that buys throughput, an up-move
+straight to the most accurate rank at that cost. Unmerged on a CPU, ranks 1…r cost about the
+same and rank 0 (no adapter) ~15% less, so the ladder {0, 1, 2, 4, 8, 16} acts as {0, 16}.
+Where no rung below buys anything the rank holds (reason ``no_gain``); with ``equal_costs`` (the
+server sets it under ``--merge-rank auto``, where a batch at any rank runs at the base model's
+cost) that is every rank: the most accurate rank is free. Without a measurement (``min_gain``
+None, or no table) every rank of the ladder is a rung.
 
 The ladder is ``{0} ∪ R`` limited to ``[min_rank, max_rank]``; rank 0 (the base model) is the
 last rung when ``min_rank`` is 0.
@@ -55,7 +59,7 @@ class ControllerConfig:
     smooth_s: float = 3.0  # time constant of the queue-depth EWMA
     slo_p95_s: float = 10.0  # slo: target p95 end-to-end latency
     headroom: float = 1.2  # slo: capacity must exceed demand by this factor
-    min_gain: float | None = None  # if set: lower only if the lowest rung is measured this much faster
+    min_gain: float | None = 0.03  # a rank is a rung if measured this much faster than the rung above
     equal_costs: bool = False  # every rank costs the same (auto merge): never lower
     max_urgency: float = 4.0  # a queue k × down_queue deep shortens the down-dwell k-fold, up to this
     batch_size: int = 0  # engine rows; with it, an up-move waits only dwell_s while half the rows are free
@@ -126,11 +130,33 @@ def decide(obs: Observation, state: ControllerState, cfg: ControllerConfig,
         want, why = _slo(obs, state, rung, cfg, throughput or {})
     if want == rung:
         return Decision(state, why)
-    if want < rung and not _gains(throughput or {}, cfg, state.rank):
-        return Decision(state, "no_gain")
+    worth = rungs(cfg, throughput or {})
+    if want < rung:  # the next rung below that buys throughput, however many ranks down
+        below = [k for k in worth if k < state.rank]
+        if not below:
+            return Decision(state, "no_gain")
+        target = below[-1]
+    else:  # the next rung above: the most accurate rank at its cost
+        target = next((k for k in worth if k > state.rank), cfg.ladder[want])
     if held < _dwell(state, obs, cfg, up=want > rung):
         return Decision(state, "dwell")
-    return _move(state, cfg.ladder[want], obs.t, why)
+    return _move(state, target, obs.t, why)
+
+
+def rungs(cfg: ControllerConfig, throughput: dict[int, float]) -> tuple[int, ...]:
+    """The ranks worth moving between, ascending (see the module docstring): from the top down,
+    a rank is kept if it is measured more than ``min_gain`` faster than the last rank kept. The
+    top is always kept; an unmeasured rank counts as a gain."""
+    if cfg.equal_costs:
+        return cfg.ladder[-1:]
+    if cfg.min_gain is None or not throughput:
+        return cfg.ladder
+    kept = [cfg.ladder[-1]]
+    for k in reversed(cfg.ladder[:-1]):
+        mine, above = throughput.get(k), throughput.get(kept[-1])
+        if mine is None or above is None or mine > above * (1.0 + cfg.min_gain):
+            kept.append(k)
+    return tuple(reversed(kept))
 
 
 def _dwell(state: ControllerState, obs: Observation, cfg: ControllerConfig, up: bool) -> float:
@@ -155,16 +181,6 @@ def _dwell(state: ControllerState, obs: Observation, cfg: ControllerConfig, up: 
     if cfg.batch_size > 0 and state.busy_avg <= cfg.batch_size / 2:
         return cfg.dwell_s
     return cfg.dwell_s * cfg.up_dwell_factor
-
-
-def _gains(throughput: dict[int, float], cfg: ControllerConfig, rank: int) -> bool:
-    """Whether going down can buy throughput (see the module docstring). Unknown costs count as a gain."""
-    if cfg.equal_costs:
-        return False
-    if cfg.min_gain is None:
-        return True
-    low, here = throughput.get(cfg.ladder[0]), throughput.get(rank)
-    return low is None or here is None or low > here * (1.0 + cfg.min_gain)
 
 
 def _smooth(state: ControllerState, obs: Observation, cfg: ControllerConfig) -> ControllerState:

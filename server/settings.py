@@ -47,9 +47,9 @@ class ServerSettings(BaseSettings):
     up_queue: float = Field(0.5, ge=0, description="threshold: smoothed queue depth that allows raising it")
     smooth_s: float = Field(3.0, ge=0, description="time constant of the controller's queue-depth average")
     slo_p95_ms: float = Field(10_000.0, gt=0, description="slo: p95 end-to-end latency target")
-    min_gain: float | None = Field(None, ge=0, description="if set, lower the rank only if the calibrated "
-                                   "throughput of the lowest rung beats the current rank's by more than this "
-                                   "fraction (0.05 = 5%); off by default: a short calibration is noisy")
+    min_gain: float | None = Field(0.03, ge=0, description="the controller moves only between ranks that are "
+                                   "measured more than this fraction faster than the next higher one it uses "
+                                   "(0.03 = 3%); a rank that costs what the one above costs is skipped")
     prometheus_url: str | None = Field(None, description="read cluster-wide queue depth with PromQL from here")
     calibrate_steps: int = Field(4, ge=0, description="decode steps per rank measured at startup (0: skip); cached")
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")
