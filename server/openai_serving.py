@@ -18,7 +18,7 @@ import re
 from collections.abc import AsyncIterator
 from functools import lru_cache
 
-from server.engine import AUTO
+from server.engine import AUTO, Event
 from server.errors import InvalidRequest, ServingError
 from server.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                              CompletionChoice, CompletionRequest, CompletionResponse, DetokenizeRequest,
@@ -125,17 +125,10 @@ class OpenAIServing:
 
     async def _completion_frames(self, body: CompletionRequest, subs: list[Submission], ids: list[list[int]],
                                  echoes: list[str]) -> AsyncIterator[str]:
-        rid, created = openai_id("cmpl"), now()
+        chunks = _Chunks("cmpl", "text_completion", body, sum(len(p) for p in ids), len(subs))
+        frame = chunks.frame
         offsets = [0] * len(subs)
         started = [False] * len(subs)
-        finals = [None] * len(subs)
-
-        def frame(choices: list[dict], usage: dict | None = None) -> str:
-            out = {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return "data: " + json.dumps(out) + "\n\n"
-
         try:
             async for i, ev in self.serving.stream_all(subs):
                 p = i // body.n
@@ -149,17 +142,15 @@ class OpenAIServing:
                     res = Result(text, ev, ev.token_ids, ev.logprobs, ev.prompt_logprobs)
                     lp = self.completion_logprobs(res, prompt_ids, offsets[i])
                     offsets[i] += sum(len(t) for t in lp["tokens"])
+                chunks.count(i, ev)
                 if text or lp is not None or ev.done:
                     yield frame([{"index": i, "text": text, "logprobs": lp,
                                   "finish_reason": ev.finish_reason if ev.done else None}])
-                if ev.done:
-                    finals[i] = ev
         except ServingError as e:
             yield _error_frame(e)
             return
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield frame([], _usage([Result("", f, []) for f in finals], ids, body.n).model_dump())
-        yield "data: [DONE]\n\n"
+        for last in chunks.close():
+            yield last
 
     # -- chat -------------------------------------------------------------------------------------------
     async def create_chat_completion(self, body: ChatCompletionRequest, is_disconnected) -> Reply | Streamed:
@@ -197,17 +188,9 @@ class OpenAIServing:
 
     async def _chat_frames(self, body: ChatCompletionRequest, subs: list[Submission],
                            ids: list[int]) -> AsyncIterator[str]:
-        rid, created = openai_id("chatcmpl"), now()
+        chunks = _Chunks("chatcmpl", "chat.completion.chunk", body, len(ids), len(subs))
+        frame = chunks.frame
         started = [False] * len(subs)
-        finals = [None] * len(subs)
-
-        def frame(choices: list[dict], usage: dict | None = None) -> str:
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                   "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return "data: " + json.dumps(out) + "\n\n"
-
         try:
             async for j, ev in self.serving.stream_all(subs):
                 delta = {"content": ev.text} if ev.text else {}
@@ -216,17 +199,16 @@ class OpenAIServing:
                     delta = {"role": "assistant", "content": ev.text}
                 lp = self.chat_logprobs(Result("", ev, ev.token_ids, ev.logprobs)) \
                     if body.logprobs and ev.logprobs else None
+                chunks.count(j, ev)
                 if delta or lp is not None:
                     yield frame([{"index": j, "delta": delta, "logprobs": lp, "finish_reason": None}])
                 if ev.done:
-                    finals[j] = ev
                     yield frame([{"index": j, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
         except ServingError as e:
             yield _error_frame(e)
             return
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield frame([], _usage([Result("", f, []) for f in finals], [ids], body.n).model_dump())
-        yield "data: [DONE]\n\n"
+        for last in chunks.close():
+            yield last
 
     # -- tokenizer routes (vLLM's shapes) --------------------------------------------------------------
     def tokenize(self, body: TokenizeRequest) -> dict:
@@ -256,6 +238,36 @@ class OpenAIServing:
 
     def _token_str(self, t: int) -> str:
         return self.tok.decode([t])
+
+
+class _Chunks:
+    """The frames of one streamed response: one id, the object type, and usage — a last chunk
+    with the request's usage under ``stream_options.include_usage``, and the usage so far in every
+    chunk as well with ``continuous_usage_stats`` (as vLLM: only together with include_usage)."""
+
+    def __init__(self, prefix: str, obj: str, body: _OpenAIBase, prompt_tokens: int, choices: int):
+        self.rid, self.created, self.obj, self.model = openai_id(prefix), now(), obj, body.model
+        options = body.stream_options
+        self.include = options is not None and options.include_usage
+        self.continuous = self.include and options.continuous_usage_stats
+        self.prompt_tokens, self.generated = prompt_tokens, [0] * choices
+
+    def count(self, i: int, ev: Event) -> None:
+        self.generated[i] = ev.completion_tokens if ev.done else self.generated[i] + len(ev.token_ids)
+
+    def usage(self) -> dict:
+        done = sum(self.generated)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done,
+                     total_tokens=self.prompt_tokens + done).model_dump()
+
+    def frame(self, choices: list[dict], usage: bool = False) -> str:
+        out = {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model, "choices": choices}
+        if usage or self.continuous:
+            out["usage"] = self.usage()
+        return "data: " + json.dumps(out) + "\n\n"
+
+    def close(self) -> list[str]:
+        return ([self.frame([], usage=True)] if self.include else []) + ["data: [DONE]\n\n"]
 
 
 def _usage(results: list[Result], prompts: list[list[int]], n: int) -> Usage:

@@ -165,7 +165,9 @@ class ErrorBody(BaseModel):
 
 # -- OpenAI-compatible API ------------------------------------------------------------------------------
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="a last chunk with the whole request's usage")
+    continuous_usage_stats: bool = Field(False, description="with include_usage: every chunk also carries "
+                                         "the usage so far (vLLM's extension; guidellm sends it)")
 
 
 class TextPart(_Strict):

@@ -230,6 +230,18 @@ def tiny_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def served_in_process(tiny_model_dir, tiny_checkpoint):
+    """(model, tokenizer, adapter): the tiny model and checkpoint a test server serves, in this
+    process — what each rank must compute."""
+    from trainer.checkpoint import load_adapter
+    from trainer.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir), "cpu", torch.float32)
+    adapter, _ = load_adapter(tiny_checkpoint, model)
+    return model, tok, adapter
+
+
 # -- reading a running server -------------------------------------------------------------------
 def metric(http, name: str, **labels) -> float:
     """Sum of the series of ``name`` whose labels include ``labels`` (0 if none)."""

@@ -31,17 +31,6 @@ def sdk(server):
     return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir, tiny_checkpoint):
-    """The same model and checkpoint in this process: what each rank must compute."""
-    from trainer.checkpoint import load_adapter
-    from trainer.models import load_model
-
-    model, tok = load_model(str(tiny_model_dir), "cpu", torch.float32)
-    adapter, _ = load_adapter(tiny_checkpoint, model)
-    return model, tok, adapter
-
-
 def test_a_list_of_prompts_is_answered_in_order_as_each_alone(sdk):
     prompts = ["Ada has 12 apples", "Ben", "How many coins does Chen keep?"]
     alone = [sdk.completions.create(model="mlora@4", prompt=p, max_tokens=6).choices[0].text for p in prompts]
@@ -52,8 +41,8 @@ def test_a_list_of_prompts_is_answered_in_order_as_each_alone(sdk):
         sdk.completions.create(model="mlora@4", prompt=p, max_tokens=6).usage.completion_tokens for p in prompts)
 
 
-def test_token_id_prompts_equal_their_text(sdk, reference):
-    tok = reference[1]
+def test_token_id_prompts_equal_their_text(sdk, served_in_process):
+    tok = served_in_process[1]
     text = ["Ada has 12 apples", "Ben shares"]
     ids = [tok(t)["input_ids"] for t in text]
     by_text = sdk.completions.create(model="mlora@2", prompt=text, max_tokens=5)
@@ -75,8 +64,8 @@ def test_n_samples_per_prompt_in_openai_order_reproducible_with_a_seed(sdk):
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: n copies
 
 
-def test_completion_logprobs_are_the_served_ranks_own(sdk, reference):
-    model, tok, adapter = reference
+def test_completion_logprobs_are_the_served_ranks_own(sdk, served_in_process):
+    model, tok, adapter = served_in_process
     prompt = "Ada has 12 apples and"
     for k in (0, 2, 8):
         c = sdk.completions.create(model=f"mlora@{k}", prompt=prompt, max_tokens=4, logprobs=3).choices[0]
@@ -99,12 +88,12 @@ def test_completion_logprobs_are_the_served_ranks_own(sdk, reference):
             assert 1 <= len(top) <= 3 and list(top.values()) == sorted(top.values(), reverse=True)
 
 
-def test_echo_scores_the_prompt_as_the_in_process_loglikelihood_at_every_rank(sdk, reference):
+def test_echo_scores_the_prompt_as_the_in_process_loglikelihood_at_every_rank(sdk, served_in_process):
     """What lm-evaluation-harness's loglikelihood tasks send: token ids, echo, max_tokens 1,
     logprobs 1; they sum token_logprobs[len(context):-1]."""
     from trainer.evaluate import loglikelihood
 
-    model, tok, adapter = reference
+    model, tok, adapter = served_in_process
     context = tok("Question: Ada has 12 apples and gets 7 more. How many?\nAnswer:")["input_ids"]
     conts = [tok(" 19", add_special_tokens=False)["input_ids"], tok(" 5 apples", add_special_tokens=False)["input_ids"]]
     for k in (0, 1, 4, 8):
@@ -147,8 +136,8 @@ def test_chat_logprobs_and_top_logprobs(sdk):
         assert bytes(t.bytes).decode() == t.token
 
 
-def test_logit_bias_and_penalties_steer_the_batched_sampler(sdk, reference):
-    model, tok, adapter = reference
+def test_logit_bias_and_penalties_steer_the_batched_sampler(sdk, served_in_process):
+    model, tok, adapter = served_in_process
     forced = tok(" apples", add_special_tokens=False)["input_ids"][0]
     c = sdk.completions.create(model="mlora@4", prompt="Ada has", max_tokens=4, logit_bias={str(forced): 100})
     assert c.choices[0].text == tok.decode([forced] * 4)
@@ -205,8 +194,8 @@ def test_refused_requests_are_400s_the_sdk_raises_as_bad_request(sdk):
         sdk.chat.completions.create(model="mlora", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
 
 
-def test_tokenizer_routes_and_model_entries(server, reference):
-    tok = reference[1]
+def test_tokenizer_routes_and_model_entries(server, served_in_process):
+    tok = served_in_process[1]
     h = {"Authorization": f"Bearer {KEY}"}
     t = httpx.post(server.url + "/tokenize", json={"prompt": "Ada has 12 apples"}, headers=h).json()
     assert t["tokens"] == tok("Ada has 12 apples")["input_ids"] and t["count"] == len(t["tokens"])
@@ -232,3 +221,16 @@ def test_logprobs_are_finite_and_consistent_under_sampling(sdk):
     lp = c.choices[0].logprobs
     assert all(math.isfinite(t) and t <= 0 for t in lp.token_logprobs)
     assert all(lp.tokens[j] in top for j, top in enumerate(lp.top_logprobs))  # the chosen is always listed
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(sdk):
+    """vLLM's stream_options extension, which guidellm always sends."""
+    kw = dict(model="mlora@2", prompt="Ada has", max_tokens=6, extra_body={"ignore_eos": True})
+    whole = sdk.completions.create(**kw)
+    chunks = list(sdk.completions.create(**kw, stream=True, stream_options={"include_usage": True,
+                                                                           "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None for c in chunks) and counts == sorted(counts)
+    assert chunks[-1].usage == whole.usage and not chunks[-1].choices  # the include_usage chunk, last
+    plain = list(sdk.completions.create(**kw, stream=True))
+    assert all(c.usage is None for c in plain)  # neither option: no usage anywhere
