@@ -31,8 +31,8 @@ straight to the most accurate rank at that cost. Unmerged on a CPU, ranks 1…r 
 same and rank 0 (no adapter) ~15% less, so the ladder {0, 1, 2, 4, 8, 16} acts as {0, 16}.
 Where no rung below buys anything the rank holds (reason ``no_gain``); with ``equal_costs`` (the
 server sets it under ``--merge-rank auto``, where a batch at any rank runs at the base model's
-cost) that is every rank: the most accurate rank is free. Without a measurement (``min_gain``
-None, or no table) every rank of the ladder is a rung.
+cost) that is every rank: the most accurate rank is free. Without a measurement (no table), or
+with ``min_gain`` None or 0, every rank of the ladder is a rung.
 
 The ladder is ``{0} ∪ R`` limited to ``[min_rank, max_rank]``; rank 0 (the base model) is the
 last rung when ``min_rank`` is 0.
@@ -149,7 +149,7 @@ def rungs(cfg: ControllerConfig, throughput: dict[int, float]) -> tuple[int, ...
     top is always kept; an unmeasured rank counts as a gain."""
     if cfg.equal_costs:
         return cfg.ladder[-1:]
-    if cfg.min_gain is None or not throughput:
+    if not cfg.min_gain or not throughput:  # None or 0: every rank is a rung
         return cfg.ladder
     kept = [cfg.ladder[-1]]
     for k in reversed(cfg.ladder[:-1]):

@@ -49,7 +49,7 @@ class ServerSettings(BaseSettings):
     slo_p95_ms: float = Field(10_000.0, gt=0, description="slo: p95 end-to-end latency target")
     min_gain: float | None = Field(0.03, ge=0, description="the controller moves only between ranks that are "
                                    "measured more than this fraction faster than the next higher one it uses "
-                                   "(0.03 = 3%); a rank that costs what the one above costs is skipped")
+                                   "(0.03 = 3%); a rank that costs what the one above costs is skipped; 0: every rank is a rung")
     prometheus_url: str | None = Field(None, description="read cluster-wide queue depth with PromQL from here")
     calibrate_steps: int = Field(4, ge=0, description="decode steps per rank measured at startup (0: skip); cached")
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")

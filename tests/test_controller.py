@@ -163,7 +163,7 @@ def test_a_rank_that_buys_no_throughput_is_never_taken():
     c = cfg()
     assert rungs(c, curve) == (0, 16)
     assert rungs(c, {**curve, 4: 125.0}) == (0, 4, 16)  # a rank that does buy throughput stays a rung
-    assert rungs(c, {}) == LADDER and rungs(cfg(equal_costs=True), curve) == (16,)
+    assert rungs(c, {}) == rungs(cfg(min_gain=0), curve) == LADDER and rungs(cfg(equal_costs=True), curve) == (16,)
     t = Trace(c, curve)
     ranks = t.run(trace([20] * 40 + [0] * 80))
     assert set(ranks) == {0, 16}

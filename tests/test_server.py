@@ -202,8 +202,12 @@ def test_embedded_smollm2_served_at_rank_0_answers_like_the_base_model(tmp_path)
 
 
 def test_controller_lowers_the_rank_under_a_burst_and_raises_it_again(tiny_model_dir, tiny_checkpoint):
+    """The control loop end to end. The tiny model's ranks all cost its Python overhead (a flat
+    cost curve, on which the default --min-gain would rightly hold the top rank): --min-gain 0
+    makes every rank a rung, so the loop itself is what is tested."""
     srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint), "--max-batch-size", "2",
-                        "--dwell-s", "0.5", "--down-queue", "2", "--smooth-s", "0.5", "--calibrate-steps", "2").wait_ready()
+                        "--dwell-s", "0.5", "--down-queue", "2", "--smooth-s", "0.5", "--calibrate-steps", "2",
+                        "--min-gain", "0").wait_ready()
     try:
         with httpx.Client(base_url=srv.url, timeout=120) as http:
             info = http.get("/ranks").json()
