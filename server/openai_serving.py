@@ -97,7 +97,7 @@ class OpenAIServing:
                                         res, ids[i // body.n] if body.echo else None))
                    for i, res in enumerate(results)]
         out = CompletionResponse(id=openai_id("cmpl"), created=now(), model=body.model, choices=choices,
-                                 usage=_usage(results, ids, body.n), rank=results[0].final.rank)
+                                 usage=_usage(results, ids), rank=results[0].final.rank)
         return Reply(out.model_dump(), out.rank)
 
     def completion_logprobs(self, res: Result, prompt_ids: list[int] | None, offset: int = 0) -> dict:
@@ -175,7 +175,7 @@ class OpenAIServing:
                               logprobs=self.chat_logprobs(res) if body.logprobs else None, rank=res.final.rank)
                    for j, res in enumerate(results)]
         out = ChatCompletionResponse(id=openai_id("chatcmpl"), created=now(), model=body.model, choices=choices,
-                                     usage=_usage(results, [ids], body.n), rank=results[0].final.rank)
+                                     usage=_usage(results, [ids]), rank=results[0].final.rank)
         return Reply(out.model_dump(), out.rank)
 
     def chat_logprobs(self, res: Result) -> dict:
@@ -270,10 +270,10 @@ class _Chunks:
         return ([self.frame([], usage=True)] if self.include else []) + ["data: [DONE]\n\n"]
 
 
-def _usage(results: list[Result], prompts: list[list[int]], n: int) -> Usage:
+def _usage(results: list[Result], prompts: list[list[int]]) -> Usage:
     """Prompt tokens once per prompt (not per sample), completion tokens over every choice."""
     prompt = sum(len(p) for p in prompts)
-    completion = sum(r.final.completion_tokens for r in results if r.final is not None)
+    completion = sum(r.final.completion_tokens for r in results)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
