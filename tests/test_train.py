@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GSM8K, load_tiny
-from trainer.checkpoint import ADAPTER_WEIGHTS, load_adapter, read_meta
+from trainer.checkpoint import ADAPTER_WEIGHTS, CheckpointError, load_adapter, read_meta
+from trainer.train_state import read_training_state
 from trainer.inject import AdapterConfig
 from trainer.train import TrainConfig, train
 
@@ -76,6 +77,71 @@ def test_resume_into_the_same_folder_keeps_one_metrics_line_per_step(tmp_path, t
     before = losses(tmp_path / "run")
     run(tmp_path, tiny_model_dir, "run", save_every=2, resume=str(tmp_path / "run" / "step-000004"))
     assert losses(tmp_path / "run") == before
+
+
+# Runs `trainer train` and SIGKILLs itself at the first rename onto the path given first: a real
+# kill -9 at an exact point of a checkpoint save (os.replace commits a file, os.rename a folder).
+KILL_AT = r"""
+import os, signal, sys
+from trainer.cli import main
+target = sys.argv[1]
+def killing(real):
+    def call(src, dst, *a, **k):
+        if os.fspath(dst) == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst, *a, **k)
+    return call
+os.replace, os.rename = killing(os.replace), killing(os.rename)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def train_cli(tiny_model_dir, out, *extra, kill_at=None) -> subprocess.CompletedProcess:
+    args = ["train", "--model", str(tiny_model_dir), "--limit", "64",
+            "--max-length", "64", "--batch-size", "4", "--lr", "5e-3", "--max-steps", "6", "--save-every", "2",
+            "--no-progress", "--out", str(out), *extra]
+    cmd = [sys.executable, "-c", KILL_AT, str(kill_at), *args] if kill_at else [sys.executable, "-m", "trainer", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_kill_9_during_checkpoint_saves_keeps_the_previous_one_and_resume_continues_exactly(
+        tmp_path, tiny_model_dir):
+    """One run killed three times, each at another point of a save, each time resumed with
+    ``--resume latest``: every complete checkpoint stays loadable, nothing half-written passes for
+    one, and the last resume ends with the uninterrupted run's adapter and loss sequence."""
+    assert train_cli(tiny_model_dir, tmp_path / "ref").returncode == 0  # the same run, uninterrupted
+    out = tmp_path / "run"
+    for kill_at, resume in [
+        (out / ".step-000004.partial" / ADAPTER_WEIGHTS, False),  # the first file of a periodic save
+        (out / "step-000004", True),  # the periodic save, written whole, at its one rename
+        (out / "training_state.safetensors", True),  # the final save: adapter written, its optimizer not
+    ]:
+        killed = train_cli(tiny_model_dir, out, *(["--resume", "latest"] if resume else []), kill_at=kill_at)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        load_adapter(out / "step-000002", load_tiny(tiny_model_dir)[0])
+        if kill_at.name != "training_state.safetensors":
+            assert not (out / "step-000004").exists() and (out / ".step-000004.partial").exists()
+    with pytest.raises(CheckpointError, match="no trainer_state.json"):
+        read_training_state(out)  # the final save had written the adapter only
+    resumed = train_cli(tiny_model_dir, out, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"--resume latest: {out / 'step-000004'}" in resumed.stdout + resumed.stderr
+    ref = tmp_path / "ref"
+    a, b = adapter_tensors(ref), adapter_tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(out) == losses(ref)
+    assert not list(out.glob(".*.partial")), "the next save clears the staging folder a kill left"
+
+
+def test_a_training_state_is_refused_beside_another_steps_adapter(tmp_path, tiny_model_dir):
+    """The final save replaces files one by one; a kill between the adapter and its training
+    state leaves a pair that the digest in trainer_state.json tells apart."""
+    run(tmp_path, tiny_model_dir, "run", save_every=2)
+    out = tmp_path / "run"
+    for name in (ADAPTER_WEIGHTS, "matryoshka.json"):  # step 4's adapter beside step 6's optimizer
+        shutil.copy(out / "step-000004" / name, out / name)
+    with pytest.raises(CheckpointError, match="a save was cut short"):
+        read_training_state(out)
 
 
 def test_resume_with_different_options_is_refused(tmp_path, tiny_model_dir):

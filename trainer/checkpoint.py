@@ -20,7 +20,10 @@ has none; it loads under its method's default rule, and the log says which rule 
 
 Every file is written to a temporary name, fsynced, then renamed; ``matryoshka.json`` goes
 last and names the digest of the tensors it belongs to, so a reader never pairs metadata with
-half-written or foreign weights.
+half-written or foreign weights. ``trainer_state.json`` names the same digest, so a resume never
+pairs an optimizer with another step's adapter. A periodic checkpoint (``OUT/step-N``) is written
+whole into a staging folder and renamed into place (:func:`staged_dir`): a process killed while
+saving leaves the previous checkpoints as they were and no half of a new one.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +99,38 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; when the block ends without an error it
+    replaces ``path`` whole (one rename), otherwise it is removed. A crash leaves ``path`` as it
+    was (at worst, while a folder of the same name is being replaced, moved aside to
+    ``.NAME.old``) and a ``.NAME.partial`` folder that the next save clears."""
+    path = Path(path)
+    stage, old = path.parent / f".{path.name}.partial", path.parent / f".{path.name}.old"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.rename(path, old)
+    os.rename(stage, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

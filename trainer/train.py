@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,13 +25,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import load_adapter_weights, save_adapter
+from trainer.checkpoint import load_adapter_weights, read_meta, save_adapter, staged_dir
 from trainer.data import IGNORE, Example, collate, load_examples
 from trainer.flags import flag_of
 from trainer.inject import AdapterConfig, NestedAdapter
 from trainer.models import DTYPE_HELP, load_model, resolve_device, resolve_dtype
 from trainer.nested import TRAIN_METHODS
-from trainer.train_state import read_training_state, restore_training_state, save_training_state
+from trainer.train_state import latest_checkpoint, read_training_state, restore_training_state, save_training_state
 
 METRICS = "metrics.jsonl"
 # fields that may differ between a run and its --resume (all others must match to continue exactly)
@@ -70,7 +70,8 @@ class TrainConfig:
     log_every: int = _opt(1, "steps between progress-bar updates")
     device: str = _opt("auto", "auto | cpu | cuda")
     dtype: str = _opt("auto", DTYPE_HELP)
-    resume: str | None = _opt(None, "checkpoint folder (with training state) to continue from")
+    resume: str | None = _opt(None, "checkpoint folder (with training state) to continue from; 'latest': "
+                                    "the newest complete one under --out")
     progress: bool = _opt(True, "no progress bar", flag="--no-progress")
 
     @classmethod
@@ -233,6 +234,12 @@ def train(cfg: TrainConfig) -> Path:
     d, device = setup_distributed(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     out = Path(cfg.out)
+    if cfg.resume == "latest":
+        where, skipped = latest_checkpoint(out)
+        for why in skipped:
+            log(d, f"--resume latest: skipped {why}")
+        cfg = replace(cfg, resume=str(where))
+        log(d, f"--resume latest: {where}")
     resume_state = read_training_state(Path(cfg.resume)) if cfg.resume else None
     if resume_state is not None:
         check_resume_config(resume_state["config"], cfg, Path(cfg.resume))
@@ -311,7 +318,7 @@ def train(cfg: TrainConfig) -> Path:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
-            _save(out / f"step-{done:06d}", adapter, cfg, opt, sched, sampler, done, meta_extra, d)
+            _save(out / f"step-{done:06d}", adapter, cfg, opt, sched, sampler, done, meta_extra, d, staged=True)
     bar.close()
     _save(out, adapter, cfg, opt, sched, sampler, plan.total_steps, meta_extra, d)
     if d.main:
@@ -335,9 +342,14 @@ def _open_metrics(out: Path, start: int, d: Dist):
 
 
 def _save(where: Path, adapter: NestedAdapter, cfg: TrainConfig, opt, sched, sampler, step: int,
-          extra: dict, d: Dist) -> None:
+          extra: dict, d: Dist, staged: bool = False) -> None:
+    """The adapter's files, then the training state naming their digest. ``staged``: written
+    whole beside ``where`` and renamed into place (a periodic checkpoint); the final one goes into
+    ``out`` itself, beside the metrics and the periodic ones, file by file, the digests tying them."""
     if d.main:
-        save_adapter(where, adapter, cfg.model, {**extra, "step": step})
-        save_training_state(where, step, opt, sched, sampler, asdict(cfg))
+        with staged_dir(where) if staged else contextlib.nullcontext(where) as folder:
+            save_adapter(folder, adapter, cfg.model, {**extra, "step": step})
+            save_training_state(folder, step, opt, sched, sampler, asdict(cfg),
+                                read_meta(folder)["adapter_sha256"])
     if d.world > 1:
         dist.barrier()
