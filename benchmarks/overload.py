@@ -5,8 +5,12 @@ carries its full output; no 5xx and no failed connection; the server's resident 
 the run is within 10% of what it was after warm-up. Clients honour Retry-After (as the typed
 client does), so the offered load stays far above what the engine serves.
 
+Measured beside it, in the same run: the answers/s of exactly as many clients as the server
+holds (batch + queue: none is refused), and the CPU seconds per second of the server and of the
+load generator in both phases, so that what a flood of refusals costs the engine is a ratio.
+
     python benchmarks/overload.py [--model smollm2-135m] [--connections 200] [--seconds 60] \\
-        [--max-queue 8] [--batch 8] [--new-tokens 16] | tee benchmarks/overload.txt
+        [--max-queue 8] [--batch 8] [--new-tokens 16] [--baseline-seconds 30] | tee benchmarks/overload.txt
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import rss_mib, serve, untrained_adapter  # noqa: E402
+from benchmarks.common import cpu_seconds, rss_mib, serve, untrained_adapter  # noqa: E402
 
 
 async def load(url: str, connections: int, seconds: float, tokens: int) -> tuple[Counter, list[str]]:
@@ -68,6 +72,7 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--baseline-seconds", type=float, default=30, help="the phase at capacity (none refused)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.adapter) if args.adapter else untrained_adapter(args.model, Path(tmp) / "ckpt")
@@ -77,9 +82,15 @@ def main() -> int:
             pid = procs[0].pid
             warm, _ = asyncio.run(load(url, args.batch, 5, args.new_tokens))  # warm-up: the batch's width
             rss_warm = rss_mib(pid)
-            t0 = time.monotonic()
-            statuses, problems = asyncio.run(load(url, args.connections, args.seconds, args.new_tokens))
-            took = time.monotonic() - t0
+            phases = {}
+            for name, clients, seconds in [("capacity", args.batch + args.max_queue, args.baseline_seconds),
+                                           ("flood", args.connections, args.seconds)]:
+                t0, cpu0, own0 = time.monotonic(), cpu_seconds(pid), time.process_time()
+                statuses, problems = asyncio.run(load(url, clients, seconds, args.new_tokens))
+                took = time.monotonic() - t0
+                phases[name] = dict(clients=clients, took=took, answers=statuses[200], refused=statuses[429],
+                                    server_cpu=(cpu_seconds(pid) - cpu0) / took,
+                                    loadgen_cpu=(time.process_time() - own0) / took)
             time.sleep(1)
             rss_after = rss_mib(pid)
             health = httpx.get(url + "/health").status_code
@@ -92,6 +103,12 @@ def main() -> int:
     for k, n in sorted(statuses.items(), key=str):
         print(f"status {k}: {n}  ({100 * n / max(total, 1):.1f}%)")
     print(f"served {statuses[200] * args.new_tokens / took:.1f} tok/s, {statuses[200] / took:.2f} full answers/s")
+    print("\nphase      clients  answers/s  refused/s  server CPU s/s  load generator CPU s/s")
+    for name, ph in phases.items():
+        print(f"{name:<10} {ph['clients']:>7}  {ph['answers'] / ph['took']:>9.2f}  {ph['refused'] / ph['took']:>9.1f}"
+              f"  {ph['server_cpu']:>14.2f}  {ph['loadgen_cpu']:>22.2f}")
+    cap, flood = phases["capacity"], phases["flood"]
+    print(f"answers/s under the flood / at capacity: {flood['answers'] / flood['took'] / (cap['answers'] / cap['took']):.2f}\n")
     growth = rss_after / rss_warm - 1
     print(f"resident memory: {rss_warm:.0f} MiB after warm-up, {rss_after:.0f} MiB after the run "
           f"({100 * growth:+.1f}%)")
