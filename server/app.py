@@ -8,6 +8,7 @@ format. Every error leaves through one map (:func:`error_response`) as
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -232,6 +233,23 @@ class ShedLoad:
         return await self.app(scope, receive, send)
 
 
+def try_line(settings: ServerSettings, st: AppState) -> str:
+    """A ready-to-paste curl for the start-up log: the checkpoint's own example (one that rank 0
+    gets wrong and the full rank right, stored by ``trainer train --eval-data``) at full rank, or
+    an arithmetic question."""
+    example = (st.meta.get("eval") or {}).get("example")
+    top = st.serving.ranks[-1] if st.serving.ranks else 0
+    body = ({"prompt": example["prompt"], "rank": top, "max_new_tokens": example["max_new_tokens"]} if example else
+            {"prompt": "Question: Ada has 12 apples and gets 7 more. How many apples does she have?\nAnswer: ",
+             "rank": top, "max_new_tokens": 48})
+    line = (f"curl -s http://{settings.host}:{settings.port}/generate -H 'content-type: application/json' "
+            f"-d '{json.dumps(body).replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'")  # ' → '\''
+
+    if example:
+        line += "   (each rank answers: " + ", ".join(f"{k}: {v!r}" for k, v in example["answers"].items()) + ")"
+    return line
+
+
 def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAPI:
     """The app. ``state`` lets tests inject a prepared engine; otherwise the lifespan loads one."""
 
@@ -244,10 +262,7 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
             st.controller.cluster.start()
         st.ready = True
         log.info("ready: model %s, adapter %s, ranks %s", settings.model, settings.adapter, [0, *st.serving.ranks])
-        log.info("try:  curl -s http://%s:%s/generate -H 'content-type: application/json' "
-                 "-d '{\"prompt\": \"Question: Ada has 12 apples and gets 7 more. How many apples does she have?"
-                 "\\nAnswer: \", \"rank\": %s, \"max_new_tokens\": 48}'",
-                 settings.host, settings.port, st.serving.ranks[0] if st.serving.ranks else 0)
+        log.info("try:  %s", try_line(settings, st))
         yield
         st.ready = False
         st.engine.stop()

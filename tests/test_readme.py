@@ -8,6 +8,7 @@ example nobody runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -94,8 +95,10 @@ def test_every_shell_example_runs_or_says_what_covers_it(env):
         proc = run(cmd, env)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         ran.append(cmd.split()[0:2])
-        if cmd.startswith("curl"):
-            assert '"text"' in proc.stdout and '"rank":4' in proc.stdout.replace(" ", ""), proc.stdout
+        if cmd.startswith("curl"):  # served at the rank it asked for
+            argv = shlex.split(cmd)
+            asked = json.loads(argv[argv.index("-d") + 1])
+            assert "text" in json.loads(proc.stdout) and json.loads(proc.stdout)["rank"] == asked["rank"], proc.stdout
     assert ["curl", "-s"] in ran and ["client", "bench"] in ran and ["trainer", "nest"] in ran
     report = Path(substitute("runs/bench", env)) / "report.json"
     assert report.exists()

@@ -316,3 +316,23 @@ def test_auto_merge_follows_the_traffic_and_answers_like_the_unmerged_server(tin
                 assert merged.post("/generate", json={**body, "rank": k}).json()["text"] == want[k]
     finally:
         assert srv.stop() == 0
+
+
+def test_the_start_up_curl_line_asks_the_checkpoints_own_example_and_pastes_into_a_shell():
+    """The line `make run` prints: the stored example (rank 0 wrong, full rank right) at full
+    rank, with what each rank answers; quoted so that a shell passes the body through unchanged."""
+    import shlex
+    from types import SimpleNamespace
+
+    from server.app import try_line
+    from server.settings import ServerSettings
+
+    example = {"prompt": "The code of O'Neil is", "reference": " 5104", "max_new_tokens": 5,
+               "answers": {"0": " a name", "1": " 2016", "2": " 5104"}}
+    st = SimpleNamespace(meta={"eval": {"example": example}}, serving=SimpleNamespace(ranks=[1, 2]))
+    line = try_line(ServerSettings(model="m", adapter="a"), st)
+    argv = shlex.split(line.split("   (each rank answers")[0])
+    assert json.loads(argv[argv.index("-d") + 1]) == {"prompt": "The code of O'Neil is", "rank": 2, "max_new_tokens": 5}
+    assert "0: ' a name', 1: ' 2016', 2: ' 5104'" in line
+    plain = try_line(ServerSettings(model="m", adapter="a"), SimpleNamespace(meta={}, serving=SimpleNamespace(ranks=[1, 2])))
+    assert "Ada has 12 apples" in plain and '"rank": 2' in plain

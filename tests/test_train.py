@@ -36,6 +36,41 @@ def test_max_steps_overrides_epochs_and_the_plan_is_printed(tmp_path, tiny_model
     assert "plan: 12 optimizer steps = 3 epochs of 4 steps" in capsys.readouterr().out
 
 
+def test_eval_data_stores_and_prints_every_ranks_table_at_the_end_of_training(tmp_path, tiny_model_dir, capsys):
+    """--data facts:N trains on the generated probe; --eval-data train scores rank 0 and every rank
+    of R on it, prints the table and stores it where the server's /ranks reads it; the stored
+    figures are the ones an in-process score of the written checkpoint gives."""
+    from trainer.data import load_examples
+    from trainer.evaluate import answer_scores
+
+    cfg = run(tmp_path, tiny_model_dir, "facts", data="facts:12:3", eval_data="train", max_steps=4)
+    table = read_meta(cfg.out)["eval"]
+    assert list(table["per_rank"]) == ["0", "1", "2", "4", "8"] and table["n"] == 12
+    assert table["data"] == "the training data (facts:12:3)" and table["inference_rule"] == "trained"
+    printed = capsys.readouterr().out
+    assert "eval on the training data (facts:12:3)" in printed and "     8 " in printed
+    if "example" in table:  # one the tiny model's full rank got right and rank 0 wrong, if any
+        ex = table["example"]
+        assert list(ex["answers"]) == list(table["per_rank"])
+        assert ex["answers"]["0"] != ex["reference"] and ex["answers"]["8"] == ex["reference"]
+    model, tok = load_tiny(tiny_model_dir)
+    adapter, _ = load_adapter(cfg.out, model)
+    examples, _ = load_examples("facts:12:3", tok, 64, None)
+    for k in (0, 2, 8):
+        adapter.set_rank(k)
+        nll, exact = answer_scores(model, examples, tok.pad_token_id, 4)
+        assert table["per_rank"][str(k)]["nll"] == pytest.approx(nll, rel=1e-4)
+        assert table["per_rank"][str(k)]["exact"] == exact
+
+
+def test_bad_data_and_eval_data_are_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(ValueError) as e:
+        TrainConfig(out=str(tmp_path), data="nope.jsonl", eval_data="facts:x").validate()
+    assert "--data nope.jsonl: no such file" in str(e.value) and "--eval-data facts:x: no such file" in str(e.value)
+    with pytest.raises(ValueError, match="'train' names the training data only for --eval-data"):
+        TrainConfig(out=str(tmp_path), data="train").validate()
+
+
 def test_training_flags_are_generated_from_the_config_fields():
     """One definition per option: every TrainConfig / AdapterConfig field is a flag whose
     default and choices come from the field, and the parsed flags rebuild the config."""

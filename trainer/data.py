@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,11 +200,22 @@ def demo_records(n: int = 256, seed: int = 0) -> list[dict]:
     return out
 
 
+FACTS_SPEC = re.compile(r"facts:([0-9]+)(?::([0-9]+))?")
+DATA_HELP = ("JSONL: {question,answer} | {messages} | {prompt,completion}; facts:N[:SEED]: the capacity "
+             "probe, N generated facts (trainer.data.facts_records); omitted: a generated arithmetic demo set")
+
+
 def load_examples(path: str | None, tokenizer, max_length: int | None, limit: int | None,
                   demo_size: int = 256) -> tuple[list[Example], DataReport]:
     if path is None:
         records = demo_records(min(limit, demo_size) if limit else demo_size)
         return tokenize(records, "gsm8k", tokenizer, max_length, "<generated demo>")
+    if m := FACTS_SPEC.fullmatch(path):
+        n = int(m.group(1))
+        if n < 1:
+            raise DataError(f"--data {path}: N must be >= 1")
+        records = facts_records(min(n, limit) if limit else n, int(m.group(2) or 0), short=True)
+        return tokenize(records, "prompt_completion", tokenizer, max_length, path)
     shape, records = read_jsonl(path, limit)
     return tokenize(records, shape, tokenizer, max_length, str(path))
 

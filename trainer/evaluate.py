@@ -286,6 +286,63 @@ def summarise(per_rank: dict[int, dict]) -> tuple[dict, dict]:
             {m: log_aurac(ranks, [per_rank[k][m] for k in ranks]) for m in metrics})
 
 
+def score_ranks(model, tok, adapter, examples: list[Example], batch_size: int, data: str, model_name: str) -> dict:
+    """The teacher-forced table (exact, nll) at rank 0 and every rank of R, in the shape of
+    ``matryoshka.json``'s ``eval`` (as ``trainer eval --no-generate`` writes it), plus an
+    ``example``: one of the examples that rank 0 gets wrong and the full rank right, with every
+    rank's greedy answer (what the server's start-up line and /ranks show). What ``trainer train
+    --eval-data`` stores at the end of training. Leaves the adapter at full rank."""
+    per_rank = {}
+    for k in [0, *adapter.config.ranks]:
+        adapter.set_rank(k)
+        t0 = time.perf_counter()
+        nll, exact = answer_scores(model, examples, tok.pad_token_id, batch_size)
+        per_rank[k] = {"strict": None, "flexible": None, "exact": exact, "nll": nll, "n": len(examples),
+                       "seconds": round(time.perf_counter() - t0, 3), "generated_tokens": 0}
+    example = showcase(model, tok, adapter, examples[:32], batch_size)
+    adapter.set_rank(adapter.config.r)
+    au, log_au = summarise(per_rank)
+    return {"data": data, "skip": 0, "n": len(examples), "shots": 0, "max_new_tokens": 0, "model": model_name,
+            "inference_rule": adapter.config.inference_rule,
+            "per_rank": {str(k): row for k, row in per_rank.items()}, "aurac": au, "log_aurac": log_au,
+            **({"example": example} if example else {})}
+
+
+def showcase(model, tok, adapter, examples: list[Example], batch_size: int) -> dict | None:
+    """The first example whose reference rank 0 does not generate and the full rank does, with
+    the greedy answer of every rank (None when there is none): the trade-off in one prompt."""
+    prompts = [e.input_ids[:e.n_prompt] for e in examples]
+    refs = [tok.decode(e.input_ids[e.n_prompt:], skip_special_tokens=True) for e in examples]
+    budget = max(len(e.input_ids) - e.n_prompt for e in examples) + 2
+    answers = {}
+    for k in (0, adapter.config.r):
+        adapter.set_rank(k)
+        answers[k] = generate(model, tok, prompts, batch_size, budget)[0]
+    pick = next((i for i, ref in enumerate(refs)
+                 if answers[0][i].strip() != ref.strip() and answers[adapter.config.r][i].strip() == ref.strip()), None)
+    if pick is None:
+        return None
+    by_rank = {}
+    for k in [0, *adapter.config.ranks]:
+        adapter.set_rank(k)
+        by_rank[str(k)] = answers[k][pick] if k in answers else generate(model, tok, [prompts[pick]], 1, budget)[0][0]
+    return {"prompt": tok.decode(prompts[pick]), "reference": refs[pick], "max_new_tokens": budget,
+            "answers": by_rank}
+
+
+def rank_table_text(table: dict) -> str:
+    """The ``eval`` table as the terminal shows it: one line per rank."""
+    lines = [f"eval on {table['data']} ({table['n']} examples, rule {table['inference_rule']}):",
+             "  rank   exact   answer NLL"]
+    example = table.get("example") or {}
+    if example:
+        lines[1] += f"   answer to {example['prompt']!r} (reference {example['reference']!r})"
+    for k, row in table["per_rank"].items():
+        said = f"   {example['answers'][k]!r}" if k in example.get("answers", {}) else ""
+        lines.append(f"  {k:>4}  {100 * row['exact']:5.1f}%   {row['nll']:10.4f}{said}")
+    return "\n".join(lines)
+
+
 # -- the recipe ---------------------------------------------------------------------------------------
 def select_ranks(meta: dict, wanted: list[int], ckpt: str) -> list[int]:
     """R, or the asked subset of it (rank 0 is always evaluated); an error lists the valid ranks."""

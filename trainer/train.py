@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import load_adapter_weights, read_meta, save_adapter, staged_dir
-from trainer.data import IGNORE, Example, collate, load_examples
+from trainer.checkpoint import load_adapter_weights, read_meta, save_adapter, staged_dir, update_meta
+from trainer.data import DATA_HELP, FACTS_SPEC, IGNORE, Example, collate, load_examples
 from trainer.flags import flag_of
 from trainer.inject import AdapterConfig, NestedAdapter
 from trainer.models import DTYPE_HELP, load_model, resolve_device, resolve_dtype
@@ -35,7 +35,8 @@ from trainer.train_state import latest_checkpoint, read_training_state, restore_
 
 METRICS = "metrics.jsonl"
 # fields that may differ between a run and its --resume (all others must match to continue exactly)
-RESUME_FREE = ("out", "resume", "save_every", "device", "log_every", "progress", "inference_rule", "coeffs")
+RESUME_FREE = ("out", "resume", "save_every", "device", "log_every", "progress", "inference_rule", "coeffs",
+               "eval_data")
 
 
 def _opt(default, help: str, **meta):
@@ -51,8 +52,7 @@ class TrainConfig:
     out: str = _opt("runs/demo", "checkpoint folder to write (servable); periodic ones go to OUT/step-NNNNNN",
                     required=True)
     model: str = _opt("smollm2-135m", "local HF folder, hub id, or smollm2-135m (embedded)")
-    data: str | None = _opt(None, "JSONL: {question,answer} | {messages} | {prompt,completion}; "
-                                  "omitted: a generated arithmetic demo set")
+    data: str | None = _opt(None, DATA_HELP)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # --method, --rank, --ranks, …
     lr: float = _opt(1e-4, "AdamW peak learning rate (reference grid 5e-6…1e-3)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (the reference uses 0)")
@@ -72,6 +72,10 @@ class TrainConfig:
     dtype: str = _opt("auto", DTYPE_HELP)
     resume: str | None = _opt(None, "checkpoint folder (with training state) to continue from; 'latest': "
                                     "the newest complete one under --out")
+    eval_data: str | None = _opt(None, "after training, score rank 0 and every rank of R on this data "
+                                       "(greedy exact match and answer NLL, teacher-forced), print the table and "
+                                       "store it in the checkpoint (the server's /ranks shows it); 'train': the "
+                                       "training examples; else as --data")
     progress: bool = _opt(True, "no progress bar", flag="--no-progress")
 
     @classmethod
@@ -104,6 +108,12 @@ class TrainConfig:
         for flag, value in [("--max-steps", self.max_steps), ("--limit", self.limit)]:
             if value is not None and value < 1:
                 problems.append(f"{flag} must be >= 1, got {value}")
+        for flag, value in [("--data", self.data), ("--eval-data", self.eval_data)]:
+            if value not in (None, "train") and not FACTS_SPEC.fullmatch(value) and not Path(value).is_file():
+                problems.append(f"{flag} {value}: no such file (a JSONL path, facts:N[:SEED]"
+                                + (", or 'train'" if flag == "--eval-data" else "") + ")")
+        if self.data == "train":
+            problems.append("--data train: 'train' names the training data only for --eval-data")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr must be a positive number, got {self.lr}")
         return problems
@@ -326,7 +336,23 @@ def train(cfg: TrainConfig) -> Path:
     log(d, f"checkpoint written to {out}")
     adapter.set_rank(cfg.adapter.r)
     model.eval()
+    if cfg.eval_data and d.main:
+        _eval_ranks(out, model, tok, adapter, cfg, examples, d)
     return out
+
+
+@torch.no_grad()
+def _eval_ranks(out: Path, model, tok, adapter: NestedAdapter, cfg: TrainConfig, train_examples, d: Dist) -> None:
+    from trainer.evaluate import rank_table_text, score_ranks  # evaluate imports this module
+
+    if cfg.eval_data == "train":
+        examples, name = train_examples, f"the training data ({cfg.data or '<generated demo>'})"
+    else:
+        examples, report = load_examples(cfg.eval_data, tok, None, None)
+        name = report.path
+    table = score_ranks(model, tok, adapter, examples, cfg.batch_size, name, cfg.model)
+    update_meta(out, eval=table)
+    log(d, rank_table_text(table))
 
 
 def _open_metrics(out: Path, start: int, d: Dist):
