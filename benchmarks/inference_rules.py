@@ -37,11 +37,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = next((p for p in (ROOT.parent / "shared/data/gsm8k", Path("/work/shared/data/gsm8k")) if p.is_dir()),
              ROOT.parent / "shared/data/gsm8k")
-METHODS = ("lora", "dylora", "matryoshka")
+METHODS = ("lora", "dylora", "dylora-row", "matryoshka")  # dylora-row: --rank-sampling row (not in the paper)
+NESTS = {"svd": "lora", "dylora-svd": "dylora", "dylora-row-svd": "dylora-row",  # each trained function,
+         "matryoshka-svd": "matryoshka"}  # at full rank under its shipped rule, nested by SVD (trainer nest)
+ALL = (*METHODS, *NESTS)
 SEEDS = (0, 1, 2)
 FACT_LAYERS = 8  # of SmolLM2-135M's 30
 TASKS = {
     "facts": dict(n_facts=32, rank=8, lr=3e-3, batch_size=16, epochs=40, warmup=4, max_length=64),
+    # the harder probe: twice the facts for the same r = 8 (rank 4 held 32 facts), 32 epochs
+    "facts64": dict(n_facts=64, rank=8, lr=3e-3, batch_size=16, epochs=32, warmup=4, max_length=64),
     "gsm8k": dict(rank=16, lr=3e-3, batch_size=4, steps=8, warmup=2, max_length=256, train_limit=32,
                   test_n=8),
 }
@@ -58,13 +63,13 @@ def run(cmd: list[str], log: Path) -> None:
     print(f"  {log.stem}: {time.monotonic() - t0:.0f} s", flush=True)
 
 
-def facts_file(run_dir: Path, seed: int) -> Path:
+def facts_file(run_dir: Path, task: str, seed: int) -> Path:
     from trainer.data import facts_records
 
-    path = run_dir / "data" / f"facts-{seed}.jsonl"
+    path = run_dir / "data" / f"{task}-{seed}.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        recs = facts_records(TASKS["facts"]["n_facts"], seed, short=True)
+        recs = facts_records(TASKS[task]["n_facts"], seed, short=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
 
@@ -77,11 +82,13 @@ def fact_targets(n_layers: int = 30) -> str:
 
 def train_args(task: str, method: str, seed: int, run_dir: Path, out: Path, model: str) -> list[str]:
     t = TASKS[task]
-    common = ["--model", model, "--method", method, "--rank", str(t["rank"]), "--lr", str(t["lr"]),
+    if method == "dylora-row":
+        method = "dylora --rank-sampling row"
+    common = ["--model", model, *f"--method {method}".split(), "--rank", str(t["rank"]), "--lr", str(t["lr"]),
               "--seed", str(seed), "--batch-size", str(t["batch_size"]), "--max-length", str(t["max_length"]),
               "--warmup-steps", str(t["warmup"]), "--no-progress", "--out", str(out)]
-    if task == "facts":
-        return [*common, "--data", str(facts_file(run_dir, seed)), "--epochs", str(t["epochs"]),
+    if task.startswith("facts"):
+        return [*common, "--data", str(facts_file(run_dir, task, seed)), "--epochs", str(t["epochs"]),
                 "--targets", fact_targets()]
     return [*common, "--data", str(GSM8K / "train.jsonl"), "--limit", str(t["train_limit"]),
             "--max-steps", str(t["steps"])]
@@ -100,14 +107,17 @@ def phase_train(run_dir: Path, model: str, tasks: list[str]) -> None:
                     continue
                 run([sys.executable, "-m", "trainer", "train", *train_args(task, method, seed, run_dir, out, model)],
                     run_dir / "logs" / f"train-{task}-{method}-s{seed}.log")
-            svd = ckpt_dir(run_dir, task, "svd", seed)
-            if not (svd / "matryoshka.json").exists():
-                lora = ckpt_dir(run_dir, task, "lora", seed)
-                peft = run_dir / task / f"lora-s{seed}-peft"
-                run([sys.executable, "-m", "trainer", "export", str(lora), "--rank", str(TASKS[task]["rank"]),
-                     "--out", str(peft)], run_dir / "logs" / f"export-{task}-s{seed}.log")
-                run([sys.executable, "-m", "trainer", "nest", str(peft), "--model", model, "--out", str(svd)],
-                    run_dir / "logs" / f"nest-{task}-s{seed}.log")
+            for nested, source in NESTS.items():
+                out = ckpt_dir(run_dir, task, nested, seed)
+                if (out / "matryoshka.json").exists():
+                    continue
+                src = ckpt_dir(run_dir, task, source, seed)
+                peft = run_dir / task / f"{source}-s{seed}-peft"
+                if not (peft / "adapter_config.json").exists():
+                    run([sys.executable, "-m", "trainer", "export", str(src), "--rank", str(TASKS[task]["rank"]),
+                         "--out", str(peft)], run_dir / "logs" / f"export-{task}-{source}-s{seed}.log")
+                run([sys.executable, "-m", "trainer", "nest", str(peft), "--model", model, "--out", str(out)],
+                    run_dir / "logs" / f"nest-{task}-{source}-s{seed}.log")
 
 
 # -- evaluation: every checkpoint, every rule, every rank, in one process per task ---------------------
@@ -119,8 +129,8 @@ def task_examples(task: str, run_dir: Path, seed: int, tok) -> list:
     """The scored examples (answer tokens carry the loss), in the training format."""
     from trainer.data import read_jsonl, tokenize
 
-    if task == "facts":
-        shape, records = read_jsonl(facts_file(run_dir, seed))
+    if task.startswith("facts"):
+        shape, records = read_jsonl(facts_file(run_dir, task, seed))
     else:
         shape, records = read_jsonl(GSM8K / "test.jsonl", TASKS[task]["test_n"])
     return tokenize(records, shape, tok, max_length=None)[0]
@@ -139,7 +149,7 @@ def eval_task(task: str, run_dir: Path, model_name: str, cache: dict, save=lambd
     results = cache.setdefault(task, {})
     for seed in SEEDS:
         examples = task_examples(task, run_dir, seed, tok)
-        for method in (*METHODS, "svd"):
+        for method in ALL:
             ckpt = ckpt_dir(run_dir, task, method, seed)
             if not (ckpt / "matryoshka.json").exists():
                 continue  # not trained (yet): a rerun fills it in

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import GSM8K, load_tiny
 from trainer.checkpoint import ADAPTER_WEIGHTS, CheckpointError, load_adapter, read_meta
 from trainer.train_state import read_training_state
-from trainer.inject import AdapterConfig
+from trainer.inject import AdapterConfig, NestedAdapter
 from trainer.train import TrainConfig, train
 
 
@@ -96,10 +96,10 @@ def adapter_tensors(folder) -> dict[str, torch.Tensor]:
     return load_file(folder / ADAPTER_WEIGHTS)
 
 
-@pytest.mark.parametrize("method", ["matryoshka", "dylora"])
-def test_resumed_run_reproduces_the_uninterrupted_loss_sequence_exactly(tmp_path, tiny_model_dir, method):
-    run(tmp_path, tiny_model_dir, "full", method=method, save_every=3)
-    resumed = run(tmp_path, tiny_model_dir, "resumed", method=method, save_every=3,
+@pytest.mark.parametrize("method, sampling", [("matryoshka", "batch"), ("dylora", "batch"), ("dylora", "row")])
+def test_resumed_run_reproduces_the_uninterrupted_loss_sequence_exactly(tmp_path, tiny_model_dir, method, sampling):
+    run(tmp_path, tiny_model_dir, "full", method=method, save_every=3, rank_sampling=sampling)
+    resumed = run(tmp_path, tiny_model_dir, "resumed", method=method, save_every=3, rank_sampling=sampling,
                   resume=str(tmp_path / "full" / "step-000003"))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[3:]
     a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "resumed")
@@ -270,3 +270,30 @@ def test_real_run_on_embedded_smollm2_with_gsm8k(tmp_path):
     adapter, meta = load_adapter(cfg.out, model)
     assert meta["base_model"]["name"] == "smollm2-135m" and len(adapter.layers) == 30 * 7
     shutil.rmtree(tmp_path / "smol")
+
+
+def test_row_rank_sampling_trains_each_row_as_its_own_ranks_standalone_forward(tiny_model_dir):
+    """--rank-sampling row: every rank of R gets an equal share (±1) of a batch's rows, and in the
+    one batched forward each row computes exactly what rank k_i alone computes for it."""
+    from trainer.nested import p_vector
+    from trainer.train import row_rank_coeffs
+
+    cfg = AdapterConfig(method="dylora", r=8)
+    c = row_rank_coeffs(cfg, 10, torch.Generator().manual_seed(0))  # (10, 8)
+    ks = [int((row > 0).sum()) for row in c]
+    assert all(torch.equal(row, p_vector("dylora", 8, cfg.ranks, cfg.scaling, k)) for row, k in zip(c, ks))
+    assert sorted(ks.count(k) for k in cfg.ranks) == [2, 2, 3, 3]
+    model, tok = load_tiny(tiny_model_dir)
+    torch.manual_seed(0)
+    adapter = NestedAdapter.inject(model, cfg)
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.lora_Bt.normal_(std=0.3)
+    ids = torch.randint(3, 200, (4, 9))
+    rows = row_rank_coeffs(cfg, 4, torch.Generator().manual_seed(1))
+    adapter.set_coeffs(rows)
+    batched = model(input_ids=ids).logits
+    for i, row in enumerate(rows):
+        adapter.set_training_coeffs(int((row > 0).sum()))
+        torch.testing.assert_close(batched[i], model(input_ids=ids[i:i + 1]).logits[0], rtol=1e-5, atol=1e-5)
+    assert len({int((row > 0).sum()) for row in rows}) == 4  # four rows, four ranks: a real mix

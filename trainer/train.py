@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -30,11 +31,13 @@ from trainer.data import DATA_HELP, FACTS_SPEC, IGNORE, Example, collate, load_e
 from trainer.flags import flag_of
 from trainer.inject import AdapterConfig, NestedAdapter
 from trainer.models import DTYPE_HELP, load_model, resolve_device, resolve_dtype
-from trainer.nested import TRAIN_METHODS
+from trainer.nested import TRAIN_METHODS, p_vector
 from trainer.train_state import latest_checkpoint, read_training_state, restore_training_state, save_training_state
 
 METRICS = "metrics.jsonl"
 # fields that may differ between a run and its --resume (all others must match to continue exactly)
+RankSampling = Literal["batch", "row"]
+RANK_SAMPLINGS: tuple[str, ...] = get_args(RankSampling)
 RESUME_FREE = ("out", "resume", "save_every", "device", "log_every", "progress", "inference_rule", "coeffs",
                "eval_data")
 
@@ -54,6 +57,9 @@ class TrainConfig:
     model: str = _opt("smollm2-135m", "local HF folder, hub id, or smollm2-135m (embedded)")
     data: str | None = _opt(None, DATA_HELP)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # --method, --rank, --ranks, …
+    rank_sampling: RankSampling = _opt("batch", "DyLoRA's rank draw: batch = one rank of R per micro-batch "
+                                               "(DyLoRA's); row = every row its own, each rank of R on an equal "
+                                               "share of the rows in random order, in one forward (not in the paper)")
     lr: float = _opt(1e-4, "AdamW peak learning rate (reference grid 5e-6…1e-3)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (the reference uses 0)")
     warmup_steps: int = _opt(0, "linear warmup steps, then linear decay to 0")
@@ -97,6 +103,10 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         problems = []
+        if self.rank_sampling not in RANK_SAMPLINGS:
+            problems.append(f"--rank-sampling must be one of {', '.join(RANK_SAMPLINGS)}, got {self.rank_sampling!r}")
+        elif self.rank_sampling == "row" and self.adapter.method != "dylora":
+            problems.append(f"--rank-sampling row draws DyLoRA's ranks; --method is {self.adapter.method}")
         if self.adapter.method not in TRAIN_METHODS:
             problems.append(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.adapter.method!r}")
         for flag, value, low in [("--epochs", self.epochs, 1),
@@ -296,7 +306,9 @@ def train(cfg: TrainConfig) -> Path:
         micro, n_targets = plan.step(step)
         loss_sum = torch.zeros((), device=device)
         for m, batch in enumerate(micro):
-            if cfg.adapter.method == "dylora":
+            if cfg.adapter.method == "dylora" and cfg.rank_sampling == "row":
+                adapter.set_coeffs(row_rank_coeffs(adapter.config, len(batch), sampler))  # (rows, r)
+            elif cfg.adapter.method == "dylora":
                 ranks = adapter.config.ranks
                 adapter.set_training_coeffs(ranks[int(torch.randint(len(ranks), (1,), generator=sampler))])
             else:
@@ -353,6 +365,18 @@ def _eval_ranks(out: Path, model, tok, adapter: NestedAdapter, cfg: TrainConfig,
     table = score_ranks(model, tok, adapter, examples, cfg.batch_size, name, cfg.model)
     update_meta(out, eval=table)
     log(d, rank_table_text(table))
+
+
+def row_rank_coeffs(a: AdapterConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """DyLoRA with a rank per row: row i trains rank k_i's own function, coefficients s(k_i)·1_{k_i}
+    (zeros past k_i), so each rank of R gets gradient from its standalone forward every step.
+    The ranks cycle through R from a random start over a random order of the rows: every rank
+    has ⌊rows/|R|⌋ or one more rows. Shape (rows, r), float64."""
+    order = torch.randperm(rows, generator=generator)
+    start = int(torch.randint(len(a.ranks), (1,), generator=generator))
+    ks = [a.ranks[(start + i) % len(a.ranks)] for i in range(rows)]
+    table = {k: p_vector("dylora", a.r, a.ranks, a.scaling, k) for k in a.ranks}
+    return torch.stack([table[ks[j]] for j in order.tolist()])
 
 
 def _open_metrics(out: Path, start: int, d: Dist):
