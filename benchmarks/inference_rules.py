@@ -196,6 +196,7 @@ def tables(cache: dict) -> str:
     out = []
     for task, metric, scale, fmt in [("facts", "exact", 100, "{:.1f} ± {:.1f}"),
                                      ("facts", "nll", 1, "{:.3f} ± {:.3f}"),
+                                     ("facts64", "exact", 100, "{:.1f} ± {:.1f}"),
                                      ("gsm8k", "nll", 1, "{:.3f} ± {:.3f}")]:
         if task not in cache:
             continue
@@ -207,7 +208,9 @@ def tables(cache: dict) -> str:
             f"{m}: {n}" for m, n in n_seeds.items()) + ")", "",
                 "| method | rule | " + " | ".join(f"r{k}" for k in ranks) + " |",
                 "|---|---|" + "---|" * len(ranks)]
-        for method in (*METHODS, "svd"):
+        for method in ALL:
+            if method not in res:
+                continue
             for rule in RULES:
                 cells = []
                 for k in ranks:
@@ -217,6 +220,86 @@ def tables(cache: dict) -> str:
                 out.append(f"| {method} | {rule} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+# -- the study: every method under the rule it ships with (and Matryoshka under the paper's) -----------
+def shipped(method: str) -> str:
+    return "trained" if method == "matryoshka" else "paper"  # trainer.nested.default_inference_rule
+
+
+STUDY_ROWS = [(m, shipped(m)) for m in ALL] + [("matryoshka", "paper")]
+
+
+def cell(res: dict, method: str, rule: str, k: int, metric: str) -> tuple[float, float] | None:
+    vals = [res[method][s][rule][str(k)][metric] for s in res.get(method, {})
+            if rule in res[method][s] and str(k) in res[method][s][rule]]
+    return mean_ci(vals) if vals else None
+
+
+def study_tables(cache: dict) -> str:
+    """Per probe: exact recall of every (method, rule) row at every rank, then, for every pair of
+    rows, the ranks at which their 95% intervals do not overlap (and who is ahead)."""
+    out = []
+    for task in ("facts", "facts64"):
+        res = cache.get(task)
+        if not res:
+            continue
+        ranks = sorted({int(k) for m in res.values() for s in m.values() for r in s.values() for k in r} - {0})
+        rows = [(m, r) for m, r in STUDY_ROWS if m in res]
+        t = TASKS[task]
+        out += [f"### {task}: {t['n_facts']} facts, r = {t['rank']}; exact recall, % (mean ± 95% t-interval, "
+                f"{len(SEEDS)} seeds)", "",
+                "| method | rule | " + " | ".join(f"r{k}" for k in ranks) + " |", "|---|---|" + "---|" * len(ranks)]
+        for m, rule in rows:
+            cells = [cell(res, m, rule, k, "exact") for k in ranks]
+            out.append(f"| {m} | {rule} | " + " | ".join(
+                "–" if c is None else f"{100 * c[0]:.1f} ± {100 * c[1]:.1f}" for c in cells) + " |")
+        out += ["", f"{task}: ranks at which two rows' intervals are apart (the first named is ahead there)", "",
+                "| rows | apart at | ahead |", "|---|---|---|"]
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                apart = []
+                for k in ranks:
+                    ca, cb = cell(res, *a, k, "exact"), cell(res, *b, k, "exact")
+                    if ca and cb and abs(ca[0] - cb[0]) > ca[1] + cb[1]:
+                        apart.append((k, a if ca[0] > cb[0] else b))
+                if apart:
+                    out.append(f"| {a[0]}/{a[1]} vs {b[0]}/{b[1]} | {len(apart)} ranks: "
+                               + ", ".join(f"r{k}" for k, _ in apart) + " | "
+                               + ", ".join(f"r{k}: {w[0]}" for k, w in apart) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def study_plot(cache: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("facts", "facts64") if cache.get(t)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.4), squeeze=False)
+    colours = {"lora": "tab:blue", "dylora": "tab:orange", "dylora-row": "tab:red", "matryoshka": "tab:green"}
+    for ax, task in zip(axes[0], tasks):
+        res = cache[task]
+        for m, rule in STUDY_ROWS:
+            if m not in res:
+                continue
+            base = NESTS.get(m, m)
+            ranks = sorted(int(k) for k in next(iter(res[m].values()))[rule] if int(k) > 0)
+            ys = [cell(res, m, rule, k, "exact") for k in ranks]
+            style = "--" if m in NESTS else (":" if rule != shipped(m) else "-")
+            ax.errorbar(ranks, [100 * y for y, _ in ys], yerr=[100 * e for _, e in ys], color=colours[base],
+                        linestyle=style, marker="o", ms=3, capsize=2, label=f"{m} / {rule}")
+        t = TASKS[task]
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("served rank k")
+        ax.set_ylabel("exact recall, %")
+        ax.set_title(f"{task}: {t['n_facts']} facts, r = {t['rank']} (mean, 95% CI, {len(SEEDS)} seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def plot(cache: dict, path: Path) -> None:
@@ -231,6 +314,8 @@ def plot(cache: dict, path: Path) -> None:
     styles = {"trained": "-", "paper": ":", "partial": "--"}
     for ax, (task, metric) in zip(axes[0], panels):
         for method, seeds in cache[task].items():
+            if method not in colours:  # the study's added rows are in study.png
+                continue
             for rule in RULES:
                 ranks = sorted(int(k) for k in next(iter(seeds.values()))[rule] if int(k) > 0)
                 ys = [mean_ci([seeds[s][rule][str(k)][metric] for s in seeds]) for k in ranks]
@@ -256,7 +341,10 @@ def phase_eval(run_dir: Path, results: Path, model: str, tasks: list[str]) -> No
         eval_task(task, run_dir, model, cache, save=lambda: path.write_text(json.dumps(cache, indent=1) + "\n"))
     (results / "tables.md").write_text(tables(cache))
     plot(cache, results / "rules.png")
+    (results / "study.md").write_text(study_tables(cache))
+    study_plot(cache, results / "study.png")
     print(tables(cache))
+    print(study_tables(cache))
 
 
 def main(argv: list[str] | None = None) -> int:

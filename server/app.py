@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.calibration import cache_key, calibrate
 from server.control import ClusterSignals, RankController
 from server.controller import ControllerConfig
-from server.engine import Engine, EngineConfig
+from server.engine import Engine
+from server.engine_types import EngineConfig, StepStats
 from server.merging import AutoMerge
 from server.deps import accepting, app_state, authorised, key_ok, respond
 from server.errors import EngineDead, InvalidRequest, PayloadTooLarge, ServingError
@@ -156,7 +157,12 @@ def _setup_engine(settings: ServerSettings, runner: ModelRunner, tok, context: i
                   controller: RankController, metrics: Metrics, auto_merge: AutoMerge | None) -> Engine:
     config = EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context,
                           settings.step_timeout_s)
-    engine = Engine(runner, tok, config, ranks, auto_rank=lambda: controller.rank, on_step=metrics.record,
+
+    def on_step(stats: StepStats) -> None:  # one stats object per step, to the metrics and the controller
+        metrics.record(stats)
+        controller.record(stats)
+
+    engine = Engine(runner, tok, config, ranks, auto_rank=lambda: controller.rank, on_step=on_step,
                     on_tick=controller.tick, auto_merge=auto_merge, on_stall=metrics.record_stall)
     metrics.watch(engine)
     return engine

@@ -1,8 +1,8 @@
 """Drives the pure controller (:mod:`server.controller`) from the server's own metrics.
 
-* :class:`LocalSignals` reads the in-process Prometheus registry (the numbers ``/metrics``
-  shows) and turns counters and histogram buckets into an :class:`Observation` over a sliding
-  window: arrival rate, tokens per request, p50/p95 latencies.
+* :class:`StatsWindow` keeps the engine's per-step :class:`StepStats` (the same objects the
+  metrics record) over a sliding window and turns them into an :class:`Observation`: arrival
+  rate, tokens per request, p50/p95 latencies (exact, not bucket bounds).
 * :class:`ClusterSignals` optionally asks a Prometheus server (PromQL over HTTP, on its own
   thread) for the queue depth summed over all replicas, so that replicas downshift together.
 * :class:`RankController` ticks the decision function from the engine loop, records the
@@ -15,77 +15,69 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 
 import httpx
-from prometheus_client import CollectorRegistry
-
 from server.controller import ControllerConfig, Decision, Observation, decide, initial_state, rungs
-from server.metrics import LATENCY_BUCKETS, Metrics
+from server.engine_types import StepStats
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-def _quantile(bucket_deltas: list[tuple[float, float]], q: float) -> float | None:
-    """Upper bound of the bucket holding quantile q, from (le, cumulative count) pairs."""
-    total = bucket_deltas[-1][1] if bucket_deltas else 0
-    if total <= 0:
+def _quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile of ``values`` (nearest rank), or None when there are none."""
+    if not values:
         return None
-    for le, count in bucket_deltas:
-        if count >= q * total:
-            return le
-    return bucket_deltas[-1][0]
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-class LocalSignals:
-    """Observations from this server's registry, windowed over ``window_s`` seconds."""
+class StatsWindow:
+    """The engine's per-step :class:`StepStats`, kept for ``window_s`` seconds: what the controller
+    observes. The same objects the metrics record (stats flow one way, engine → metrics and
+    controller), so the controller never reads Prometheus series back by name."""
 
-    HISTOGRAMS = {"e2e": "mlora_e2e_request_latency_seconds", "ttft": "mlora_time_to_first_token_seconds",
-                  "queue_wait": "mlora_queue_wait_seconds"}
+    def __init__(self, window_s: float = 20.0):
+        self.window_s = window_s
+        self._steps: collections.deque[tuple[float, StepStats]] = collections.deque()
+        self._lock = threading.Lock()  # record() runs on the engine thread, observe() may not
+        self._started: float | None = None
+        self._last: StepStats | None = None
 
-    def __init__(self, registry: CollectorRegistry, window_s: float = 20.0):
-        self.registry, self.window_s = registry, window_s
-        self._snaps: collections.deque[tuple[float, dict]] = collections.deque()
-
-    def _value(self, name: str, labels: dict | None = None) -> float:
-        return self.registry.get_sample_value(name, labels or {}) or 0.0
-
-    def _sum(self, name: str) -> float:
-        return sum(s.value for m in self.registry.collect() for s in m.samples if s.name == name)
-
-    def _snapshot(self) -> dict:
-        snap = {"arrivals": self._value("mlora_requests_received_total"),
-                "finished": self._sum("mlora_requests_total"),
-                "tokens": self._sum("mlora_generated_tokens_total")}
-        for key, name in self.HISTOGRAMS.items():
-            les = [*LATENCY_BUCKETS, float("inf")]
-            snap[key] = [(le, self._value(f"{name}_bucket", {"le": _le(le)})) for le in les]
-        return snap
+    def record(self, stats: StepStats, t: float | None = None) -> None:
+        t = time.monotonic() if t is None else t
+        with self._lock:
+            self._steps.append((t, stats))
+            self._last = stats
+            if self._started is None:
+                self._started = t
 
     def observe(self, t: float) -> Observation:
-        snap = self._snapshot()
-        self._snaps.append((t, snap))
-        while len(self._snaps) > 2 and t - self._snaps[1][0] >= self.window_s:
-            self._snaps.popleft()
-        t0, old = self._snaps[0]
-        dt = max(t - t0, 1e-9)
-        finished = snap["finished"] - old["finished"]
-        deltas = {k: [(le, c - oc) for (le, c), (_, oc) in zip(snap[k], old[k])] for k in self.HISTOGRAMS}
+        with self._lock:
+            if self._started is None:
+                self._started = t
+            while self._steps and t - self._steps[0][0] > self.window_s:
+                self._steps.popleft()
+            steps = [st for _, st in self._steps]
+            last = self._last
+        span = max(min(self.window_s, t - self._started), 1e-9)
+        done = [e2e for st in steps for _, status, e2e in st.finished if status in ("stop", "length")]
+        finished = sum(len(st.finished) for st in steps)
+        tokens = sum(n for st in steps for n in st.generated.values())
         return Observation(
             t=t,
-            queue_depth=self._value("mlora_queue_depth"),
-            running=self._value("mlora_running_requests"),
-            arrival_rate=(snap["arrivals"] - old["arrivals"]) / dt if t > t0 else 0.0,
-            tokens_per_request=(snap["tokens"] - old["tokens"]) / finished if finished > 0 else 0.0,
-            tokens_per_s=(snap["tokens"] - old["tokens"]) / dt if t > t0 else 0.0,
-            p95_e2e_s=_quantile(deltas["e2e"], 0.95), p50_e2e_s=_quantile(deltas["e2e"], 0.5),
-            p95_ttft_s=_quantile(deltas["ttft"], 0.95), p95_queue_wait_s=_quantile(deltas["queue_wait"], 0.95),
+            queue_depth=float(last.queue_depth if last else 0),
+            running=float(last.running if last else 0),
+            arrival_rate=sum(st.arrivals for st in steps) / span,
+            tokens_per_request=tokens / finished if finished else 0.0,
+            tokens_per_s=tokens / span,
+            p95_e2e_s=_quantile(done, 0.95), p50_e2e_s=_quantile(done, 0.5),
+            p95_ttft_s=_quantile([v for st in steps for v in st.ttfts], 0.95),
+            p95_queue_wait_s=_quantile([v for st in steps for v in st.queue_waits], 0.95),
         )
-
-
-def _le(v: float) -> str:
-    return "+Inf" if v == float("inf") else repr(float(v))
 
 
 class ClusterSignals:
@@ -130,7 +122,7 @@ class RankController:
                  cluster: ClusterSignals | None = None, interval_s: float = 0.5, window_s: float = 20.0):
         self.cfg, self.metrics, self.throughput, self.cluster = cfg, metrics, throughput or {}, cluster
         self.interval_s = interval_s
-        self.signals = LocalSignals(metrics.registry, window_s)
+        self.signals = StatsWindow(window_s)
         self.state = initial_state(cfg, time.monotonic())
         self.last: Decision | None = None
         self.last_observation: Observation | None = None
@@ -140,6 +132,10 @@ class RankController:
     @property
     def rank(self) -> int:
         return self.state.rank
+
+    def record(self, stats: StepStats) -> None:
+        """Every engine step's stats (the engine hands the same object to the metrics)."""
+        self.signals.record(stats)
 
     def tick(self, now: float | None = None) -> None:
         """Called from the engine loop; decides at most every ``interval_s``."""

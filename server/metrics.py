@@ -15,44 +15,78 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 
 
+# Every series name, defined once: the metrics below, the controller's and the tests' reads,
+# and tests/test_deploy.py (which checks that the dashboards use only these) all take them
+# from here. A counter's samples end in _total, a histogram's in _bucket / _sum / _count.
+REQUESTS = "mlora_requests"
+QUEUE_DEPTH = "mlora_queue_depth"
+RUNNING_REQUESTS = "mlora_running_requests"
+QUEUE_WAIT_SECONDS = "mlora_queue_wait_seconds"
+TIME_TO_FIRST_TOKEN_SECONDS = "mlora_time_to_first_token_seconds"
+INTER_TOKEN_LATENCY_SECONDS = "mlora_inter_token_latency_seconds"
+GENERATED_TOKENS = "mlora_generated_tokens"
+PROMPT_TOKENS = "mlora_prompt_tokens"
+BATCH_SIZE = "mlora_batch_size"
+MODEL = "mlora_model"
+REQUESTS_RECEIVED = "mlora_requests_received"
+CURRENT_AUTO_RANK = "mlora_current_auto_rank"
+RANK_SWITCHES = "mlora_rank_switches"
+CONTROLLER_DECISIONS = "mlora_controller_decisions"
+MERGED_RANK = "mlora_merged_rank"
+MERGE_SWITCHES = "mlora_merge_switches"
+MERGE_SECONDS = "mlora_merge_seconds"
+ENGINE_STALLS = "mlora_engine_stalls"
+ENGINE_RETRIED_APART = "mlora_engine_retried_apart"
+ENGINE_HEALTHY = "mlora_engine_healthy"
+REQUESTS_TOTAL = REQUESTS + "_total"
+GENERATED_TOKENS_TOTAL = GENERATED_TOKENS + "_total"
+PROMPT_TOKENS_TOTAL = PROMPT_TOKENS + "_total"
+REQUESTS_RECEIVED_TOTAL = REQUESTS_RECEIVED + "_total"
+RANK_SWITCHES_TOTAL = RANK_SWITCHES + "_total"
+CONTROLLER_DECISIONS_TOTAL = CONTROLLER_DECISIONS + "_total"
+MERGE_SWITCHES_TOTAL = MERGE_SWITCHES + "_total"
+ENGINE_STALLS_TOTAL = ENGINE_STALLS + "_total"
+ENGINE_RETRIED_APART_TOTAL = ENGINE_RETRIED_APART + "_total"
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("mlora_requests", "Finished requests by served rank and outcome "
+        self.requests = Counter(REQUESTS, "Finished requests by served rank and outcome "
                                 "(stop, length, timeout, abort, error; rank 'none' if never started).",
                                 ["rank", "status"], registry=r)
-        self.queue_depth = Gauge("mlora_queue_depth", "Requests waiting for a batch slot.", registry=r)
-        self.running = Gauge("mlora_running_requests", "Requests in the running batch.", registry=r)
-        self.queue_wait = Histogram("mlora_queue_wait_seconds", "Arrival to admission into the batch.",
+        self.queue_depth = Gauge(QUEUE_DEPTH, "Requests waiting for a batch slot.", registry=r)
+        self.running = Gauge(RUNNING_REQUESTS, "Requests in the running batch.", registry=r)
+        self.queue_wait = Histogram(QUEUE_WAIT_SECONDS, "Arrival to admission into the batch.",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("mlora_time_to_first_token_seconds", "Arrival to first generated token.",
+        self.ttft = Histogram(TIME_TO_FIRST_TOKEN_SECONDS, "Arrival to first generated token.",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("mlora_inter_token_latency_seconds", "Time between a request's tokens.",
+        self.itl = Histogram(INTER_TOKEN_LATENCY_SECONDS, "Time between a request's tokens.",
                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("mlora_e2e_request_latency_seconds", "Arrival to the final token.",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.generated = Counter("mlora_generated_tokens", "Generated tokens by rank.", ["rank"], registry=r)
-        self.prompt_tokens = Counter("mlora_prompt_tokens", "Prompt tokens prefilled.", registry=r)
-        self.batch_size = Histogram("mlora_batch_size", "Rows per engine step.", buckets=BATCH_BUCKETS, registry=r)
-        self.info = Info("mlora_model", "Served base model, adapter and ranks.", registry=r)
-        self.received = Counter("mlora_requests_received", "Requests accepted into the queue.", registry=r)
-        self.auto_rank = Gauge("mlora_current_auto_rank", "Rank the controller gives 'auto' requests now.",
+        self.generated = Counter(GENERATED_TOKENS, "Generated tokens by rank.", ["rank"], registry=r)
+        self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens prefilled.", registry=r)
+        self.batch_size = Histogram(BATCH_SIZE, "Rows per engine step.", buckets=BATCH_BUCKETS, registry=r)
+        self.info = Info(MODEL, "Served base model, adapter and ranks.", registry=r)
+        self.received = Counter(REQUESTS_RECEIVED, "Requests accepted into the queue.", registry=r)
+        self.auto_rank = Gauge(CURRENT_AUTO_RANK, "Rank the controller gives 'auto' requests now.",
                                registry=r)
-        self.switches = Counter("mlora_rank_switches", "Controller rank changes.", ["direction"], registry=r)
-        self.decisions = Counter("mlora_controller_decisions", "Controller decisions by reason.", ["reason"],
+        self.switches = Counter(RANK_SWITCHES, "Controller rank changes.", ["direction"], registry=r)
+        self.decisions = Counter(CONTROLLER_DECISIONS, "Controller decisions by reason.", ["reason"],
                                  registry=r)
-        self.merged_rank = Gauge("mlora_merged_rank", "Rank folded into the weights (-1: none; 0: plain base).",
+        self.merged_rank = Gauge(MERGED_RANK, "Rank folded into the weights (-1: none; 0: plain base).",
                                  registry=r)
         self.merged_rank.set(-1)
-        self.merges = Counter("mlora_merge_switches", "Re-merges at another rank (--merge-rank auto).", registry=r)
-        self.merge_seconds = Histogram("mlora_merge_seconds", "Time one re-merge took.", buckets=LATENCY_BUCKETS,
+        self.merges = Counter(MERGE_SWITCHES, "Re-merges at another rank (--merge-rank auto).", registry=r)
+        self.merge_seconds = Histogram(MERGE_SECONDS, "Time one re-merge took.", buckets=LATENCY_BUCKETS,
                                        registry=r)
-        self.stalls = Counter("mlora_engine_stalls", "Engine steps that ran past --step-timeout-s (reported "
+        self.stalls = Counter(ENGINE_STALLS, "Engine steps that ran past --step-timeout-s (reported "
                               "once each, while they run).", registry=r)
-        self.retried_apart = Counter("mlora_engine_retried_apart", "Batched forwards that raised and were "
+        self.retried_apart = Counter(ENGINE_RETRIED_APART, "Batched forwards that raised and were "
                                      "retried one row at a time (the failing rows fail alone).", registry=r)
-        self.healthy = Gauge("mlora_engine_healthy", "1 while the engine can serve; 0 once it stopped or "
+        self.healthy = Gauge(ENGINE_HEALTHY, "1 while the engine can serve; 0 once it stopped or "
                              "while a step is stuck (then /health is 503).", registry=r)
         for d in ("up", "down"):
             self.switches.labels(direction=d)

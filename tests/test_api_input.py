@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from conftest import ServerProcess, metric
+from server.metrics import ENGINE_HEALTHY, REQUESTS_TOTAL
 
 LIMIT = 8  # --max-new-tokens-limit of this module's server
 MAX_BODY = 16384  # --max-body-bytes
@@ -163,5 +164,5 @@ def test_after_all_of_it_the_server_is_healthy_and_serves(http):
     assert http.get("/health").json() == {"status": "ok"} and http.get("/ready").json() == {"ready": True}
     r = http.post(GEN, json={"prompt": "Ada has", "max_new_tokens": LIMIT, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == LIMIT
-    assert metric(http, "mlora_requests_total", status="error") == 0
-    assert metric(http, "mlora_engine_healthy") == 1
+    assert metric(http, REQUESTS_TOTAL, status="error") == 0
+    assert metric(http, ENGINE_HEALTHY) == 1

@@ -204,3 +204,23 @@ def test_slo_policy_walks_down_faster_the_further_p95_is_over_the_target():
         return next(d.state.since for d in t.decisions if d.rank == 0)
 
     assert time_to_bottom(20.0) < time_to_bottom(6.0) / 2  # 4× over the target vs 1.2×
+
+
+def test_the_controller_observes_the_engines_step_stats_over_its_window():
+    """Stats flow one way: the engine's StepStats objects (the ones the metrics record) are what
+    the controller observes, windowed; no Prometheus series are read back by name."""
+    from server.control import StatsWindow
+    from server.engine_types import StepStats
+
+    w = StatsWindow(window_s=10)
+    old = StepStats(arrivals=50, finished=[(8, "stop", 99.0)], generated={8: 500})
+    w.record(old, t=0.0)
+    for i in range(10):  # t = 5 … 14: ten steps, one arrival and one finished 2 s request each
+        w.record(StepStats(queue_depth=i, running=3, arrivals=1, ttfts=[0.1 * i],
+                           finished=[(4, "length", 2.0)], generated={4: 16}), t=5.0 + i)
+    obs = w.observe(t=14.0)  # the step at t = 0 is older than the window: gone
+    assert obs.arrival_rate == pytest.approx(10 / 10) and obs.tokens_per_request == 16
+    assert obs.tokens_per_s == pytest.approx(160 / 10)
+    assert obs.p95_e2e_s == 2.0 and obs.p50_e2e_s == 2.0 and obs.p95_ttft_s == pytest.approx(0.9)
+    assert obs.queue_depth == 9 and obs.running == 3  # the latest step's
+    assert obs.p95_queue_wait_s is None  # nothing measured is not zero

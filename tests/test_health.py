@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from server.app import build_app, load_state
 from server.settings import ServerSettings
+from server.metrics import ENGINE_HEALTHY
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def gauge(client, name: str) -> float:
 
 def test_a_stopped_engine_turns_health_503_ready_false_and_refuses_requests(broken):
     client, state = broken
-    assert client.get("/health").json() == {"status": "ok"} and gauge(client, "mlora_engine_healthy") == 1
+    assert client.get("/health").json() == {"status": "ok"} and gauge(client, ENGINE_HEALTHY) == 1
     ok = client.post("/generate", json={"prompt": "Ada", "max_new_tokens": 2})
     assert ok.status_code == 200  # the engine serves …
     state.engine.runner.model.to("meta")  # … until the model becomes unusable
@@ -37,6 +38,6 @@ def test_a_stopped_engine_turns_health_503_ready_false_and_refuses_requests(brok
     assert health.status_code == 503 and "probe" in health.json()["error"]["message"]
     ready = client.get("/ready")
     assert ready.status_code == 503 and ready.json()["ready"] is False and "stopped" in ready.json()["reason"]
-    assert gauge(client, "mlora_engine_healthy") == 0
+    assert gauge(client, ENGINE_HEALTHY) == 0
     again = client.post("/v1/completions", json={"model": "mlora", "prompt": "x", "max_tokens": 2})
     assert again.status_code == 503 and again.json()["error"]["type"] == "engine_error"

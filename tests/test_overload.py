@@ -11,6 +11,7 @@ from collections import Counter
 import httpx
 
 from conftest import Busy, ServerProcess, metric, wait_until
+from server.metrics import QUEUE_DEPTH, REQUESTS_TOTAL, RUNNING_REQUESTS
 
 TOKENS = 16
 
@@ -48,8 +49,8 @@ def test_overload_gives_full_200s_or_429s_with_retry_after_and_nothing_else(tiny
         assert refused["error"]["type"] == "overloaded_error" and "--max-queue 2" in refused["error"]["message"]
         with httpx.Client(base_url=srv.url) as http:
             assert http.get("/health").status_code == 200
-            assert wait_until(lambda: metric(http, "mlora_running_requests") == 0, timeout=30)
-            assert metric(http, "mlora_requests_total", status="error") == 0
+            assert wait_until(lambda: metric(http, RUNNING_REQUESTS) == 0, timeout=30)
+            assert metric(http, REQUESTS_TOTAL, status="error") == 0
     finally:
         assert srv.stop() == 0
 
@@ -59,7 +60,7 @@ def test_sigterm_under_load_turns_ready_false_completes_what_was_accepted_and_ex
     srv = ServerProcess("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint), "--calibrate-steps", "0",
                         "--max-batch-size", "2", "--max-queue", "8", "--grace-period-s", "120").wait_ready()
     with Busy(srv.url, 10, body) as load, httpx.Client(base_url=srv.url) as http:
-        assert wait_until(lambda: metric(http, "mlora_queue_depth") >= 4, timeout=60)  # a queue to drain
+        assert wait_until(lambda: metric(http, QUEUE_DEPTH) >= 4, timeout=60)  # a queue to drain
         srv.proc.send_signal(signal.SIGTERM)
         assert http.get("/ready").status_code == 503  # at once, while the queue still drains
         assert srv.proc.wait(120) == 0

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from conftest import GSM8K, REPO, ServerProcess, metric, wait_metric
+from server.metrics import GENERATED_TOKENS_TOTAL
 
 KEY = "k"
 RANK = 4  # lm-eval's rank: the model it is given is mlora@4
@@ -295,7 +296,7 @@ def test_guidellm_benchmark_completes_every_request_with_the_tokens_it_asked_at_
            "--data", f"kind=synthetic_text,prompt_tokens=16,output_tokens={GUIDELLM_OUTPUT_TOKENS}",
            "--tokenizer", f"kind=huggingface_auto,model={tiny_model_dir}",
            "--output", f"kind=json,path={out}", "--disable-console-interactive"]
-    tokens_before = metric(http, "mlora_generated_tokens_total", rank=str(GUIDELLM_RANK))
+    tokens_before = metric(http, GENERATED_TOKENS_TOTAL, rank=str(GUIDELLM_RANK))
     start = Path(server.log.name).stat().st_size
     done = run_tool(cmd, tmp_path, tool_env(tmp_path))
     assert done.returncode == 0 and out.exists(), f"{' '.join(cmd)}\n{(done.stdout + done.stderr)[-4000:]}"
@@ -309,5 +310,5 @@ def test_guidellm_benchmark_completes_every_request_with_the_tokens_it_asked_at_
     for r in requests["successful"]:
         assert r["input_metrics"]["text_tokens"] > 0
         assert r["output_metrics"]["text_tokens"] == GUIDELLM_OUTPUT_TOKENS  # ignore_eos: all it asked, no fewer
-    assert wait_metric(http, "mlora_generated_tokens_total", tokens_before + GUIDELLM_REQUESTS * GUIDELLM_OUTPUT_TOKENS,
+    assert wait_metric(http, GENERATED_TOKENS_TOTAL, tokens_before + GUIDELLM_REQUESTS * GUIDELLM_OUTPUT_TOKENS,
                        rank=str(GUIDELLM_RANK)) == tokens_before + GUIDELLM_REQUESTS * GUIDELLM_OUTPUT_TOKENS

@@ -11,6 +11,23 @@ import httpx
 import pytest
 
 from conftest import Busy, ServerProcess, metric, wait_http_ok, wait_metric, wait_until
+from server.metrics import (
+    BATCH_SIZE,
+    CONTROLLER_DECISIONS_TOTAL,
+    CURRENT_AUTO_RANK,
+    GENERATED_TOKENS_TOTAL,
+    INTER_TOKEN_LATENCY_SECONDS,
+    MERGED_RANK,
+    MERGE_SWITCHES_TOTAL,
+    MODEL,
+    PROMPT_TOKENS_TOTAL,
+    QUEUE_DEPTH,
+    QUEUE_WAIT_SECONDS,
+    RANK_SWITCHES_TOTAL,
+    REQUESTS_TOTAL,
+    RUNNING_REQUESTS,
+    TIME_TO_FIRST_TOKEN_SECONDS,
+)
 
 KEY = "test-key"
 
@@ -145,33 +162,33 @@ def test_deadline_gives_504_and_frees_the_slot(http):
     """A deadline no machine can meet: it passes before the engine thread can even look at the
     request (a nanosecond; waking a thread takes microseconds). Running rows that hit their
     deadline: tests/test_isolation.py, where the engine's timing is fixed by construction."""
-    before = metric(http, "mlora_requests_total", status="timeout")
+    before = metric(http, REQUESTS_TOTAL, status="timeout")
     r = http.post("/generate", json={"prompt": "Ada", "max_new_tokens": 400, "timeout": 1e-9,
                                        "ignore_eos": True})
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
-    assert wait_metric(http, "mlora_requests_total", before + 1, status="timeout") == before + 1
-    assert wait_metric(http, "mlora_running_requests", 0) == 0
+    assert wait_metric(http, REQUESTS_TOTAL, before + 1, status="timeout") == before + 1
+    assert wait_metric(http, RUNNING_REQUESTS, 0) == 0
 
 
 def test_client_disconnect_aborts_the_request(http, server):
-    before = metric(http, "mlora_requests_total", status="abort")
+    before = metric(http, REQUESTS_TOTAL, status="abort")
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
         with c.stream("POST", "/generate", json={"prompt": "Ada", "max_new_tokens": 400, "stream": True,
                                                       "ignore_eos": True}) as r:
             next(r.iter_lines())  # one event, then hang up
-    assert wait_metric(http, "mlora_requests_total", before + 1, status="abort") == before + 1
-    assert wait_metric(http, "mlora_running_requests", 0) == 0
+    assert wait_metric(http, REQUESTS_TOTAL, before + 1, status="abort") == before + 1
+    assert wait_metric(http, RUNNING_REQUESTS, 0) == 0
 
 
 def test_metrics_count_requests_and_tokens_by_rank(http):
-    before = metric(http, "mlora_generated_tokens_total", rank="1")
+    before = metric(http, GENERATED_TOKENS_TOTAL, rank="1")
     body = http.post("/generate", json={"prompt": "Ben", "rank": 1, "max_new_tokens": 4}).json()
     expected = before + body["usage"]["completion_tokens"] + (body["finish_reason"] == "stop")  # + the EOS
-    assert wait_metric(http, "mlora_generated_tokens_total", expected, rank="1") == expected
+    assert wait_metric(http, GENERATED_TOKENS_TOTAL, expected, rank="1") == expected
     text = http.get("/metrics").text
-    for name in ["mlora_queue_depth", "mlora_time_to_first_token_seconds_bucket", "mlora_batch_size_bucket",
-                 "mlora_inter_token_latency_seconds_bucket", "mlora_e2e_request_latency_seconds_bucket",
-                 "mlora_queue_wait_seconds_bucket", "mlora_prompt_tokens_total", "mlora_model_info"]:
+    for name in [QUEUE_DEPTH, TIME_TO_FIRST_TOKEN_SECONDS + "_bucket", BATCH_SIZE + "_bucket",
+                 INTER_TOKEN_LATENCY_SECONDS + "_bucket", "mlora_e2e_request_latency_seconds_bucket",
+                 QUEUE_WAIT_SECONDS + "_bucket", PROMPT_TOKENS_TOTAL, MODEL + "_info"]:
         assert name in text
     assert "# HELP mlora_queue_depth" in text
 
@@ -221,17 +238,17 @@ def test_controller_lowers_the_rank_under_a_burst_and_raises_it_again(tiny_model
 
             with Busy(srv.url, 16, body) as burst:
                 # downshifted under the burst, and requests admitted since then saw it
-                assert wait_until(lambda: metric(http, "mlora_current_auto_rank") < 8, timeout=60), srv.output()[-4000:]
+                assert wait_until(lambda: metric(http, CURRENT_AUTO_RANK) < 8, timeout=60), srv.output()[-4000:]
                 assert wait_until(lambda: any(b["rank"] < 8 for _, b in burst.responses), timeout=60)
             assert {status for status, _ in burst.responses} == {200}
             assert {b["rank"] for _, b in burst.responses} <= {0, 1, 2, 4, 8}
-            assert metric(http, "mlora_rank_switches_total", direction="down") >= 1
+            assert metric(http, RANK_SWITCHES_TOTAL, direction="down") >= 1
             t_idle = time.monotonic()
-            assert wait_metric(http, "mlora_current_auto_rank", 8, timeout=30) == 8  # back up once idle
+            assert wait_metric(http, CURRENT_AUTO_RANK, 8, timeout=30) == 8  # back up once idle
             recovered = time.monotonic() - t_idle
             assert recovered < 30
-            assert metric(http, "mlora_controller_decisions_total") > 0
-            assert metric(http, "mlora_rank_switches_total", direction="up") >= 1
+            assert metric(http, CONTROLLER_DECISIONS_TOTAL) > 0
+            assert metric(http, RANK_SWITCHES_TOTAL, direction="up") >= 1
     finally:
         srv.stop()
 
@@ -262,8 +279,8 @@ def test_replicas_downshift_together_through_a_real_prometheus(tiny_model_dir, t
         wait_http_ok(f"http://127.0.0.1:{prom_port}/-/ready", timeout=60)
         # the busy replica stays swamped until the idle one has reacted (its queue never drains first)
         with load, httpx.Client(base_url=idle.url) as http:
-            assert wait_until(lambda: metric(http, "mlora_current_auto_rank") < 8, timeout=90), idle.output()[-4000:]
-            assert metric(http, "mlora_queue_depth") == 0  # A itself was idle all along
+            assert wait_until(lambda: metric(http, CURRENT_AUTO_RANK) < 8, timeout=90), idle.output()[-4000:]
+            assert metric(http, QUEUE_DEPTH) == 0  # A itself was idle all along
     finally:
         prom.terminate()
         prom.wait(30)
@@ -302,15 +319,15 @@ def test_auto_merge_follows_the_traffic_and_answers_like_the_unmerged_server(tin
             assert info["merge"] == {"mode": "auto", "rank": 8}
             # every rank runs merged at the base cost: one measurement stands for all of them
             assert set(info["throughput"]) == {"0", "1", "2", "4", "8"} and len(set(info["throughput"].values())) == 1
-            assert metric(merged, "mlora_merged_rank") == 8
+            assert metric(merged, MERGED_RANK) == 8
             body = {"prompt": "Ada has 3 apples", "max_new_tokens": 12}
             want = {k: http.post("/generate", json={**body, "rank": k}).json()["text"] for k in (0, 2, 8)}
             assert merged.post("/generate", json={**body, "rank": 8}).json()["text"] == want[8]
             rank2 = {"prompt": "Ada", "max_new_tokens": 150, "ignore_eos": True, "rank": 2}
             with Busy(srv.url, 3, lambda i: rank2) as load:  # rank 2 takes over the traffic
-                assert wait_metric(merged, "mlora_merged_rank", 2, timeout=60) == 2
+                assert wait_metric(merged, MERGED_RANK, 2, timeout=60) == 2
             assert {status for status, _ in load.responses} == {200}
-            assert metric(merged, "mlora_merge_switches_total") >= 1
+            assert metric(merged, MERGE_SWITCHES_TOTAL) >= 1
             assert merged.get("/ranks").json()["merge"] == {"mode": "auto", "rank": 2}
             for k in (0, 2, 8):  # rank 2 merged now: every rank still answers exactly as unmerged
                 assert merged.post("/generate", json={**body, "rank": k}).json()["text"] == want[k]
