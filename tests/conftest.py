@@ -3,7 +3,9 @@ HF folder so that every code path that takes ``--model PATH`` runs on it in mill
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import threading
 from pathlib import Path
 
@@ -317,3 +319,61 @@ def wait_until(check, timeout: float, step: float = 0.1) -> bool:
     while not (ok := check()) and time.monotonic() < end:
         time.sleep(step)
     return bool(ok)
+
+
+# -- lm-evaluation-harness: a multiple-choice task on local data, and how it encodes a pair ------------
+MC_TASK = """\
+task: arith_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+def arithmetic_questions(n: int = 6, seed: int = 0) -> list[dict]:
+    """``n`` sums with 3 or 4 choices each, the right one at a random place (seed 0: this tiny
+    checkpoint at RANK picks 3 of 6 right, so an accuracy of 0 or 1 would show a miscount)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        wrong = rng.sample([a + b + d for d in (-10, -3, -2, -1, 1, 2, 3, 10) if a + b + d > 0], rng.choice([2, 3]))
+        choices = [str(c) for c in [a + b, *wrong]]
+        rng.shuffle(choices)
+        rows.append({"question": f"Ada has {a} apples and gets {b} more. How many apples does she have?",
+                     "choices": choices, "label": choices.index(str(a + b))})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's ``TemplateLM._encode_pair`` for a causal model, with the remote tokenizer (which asks
+    ``/tokenize`` with ``add_special_tokens: false``): the context's trailing spaces move to the
+    continuation; the continuation's tokens are those of the whole after the context's."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    context_ids = tok(context, add_special_tokens=False)["input_ids"]
+    return context_ids, whole[len(context_ids):]
+
+
+def scored(sample: dict) -> list[tuple[str, str, float, bool]]:
+    """(context, continuation, loglikelihood, is_greedy) of each choice, as lm-eval logged them."""
+    args = [sample["arguments"][f"gen_args_{i}"] for i in range(len(sample["arguments"]))]
+    return [(a["arg_0"], a["arg_1"], float(r[0][0]), r[0][1] in (True, "True")) for a, r in zip(args, sample["resps"])]
+
+

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -27,7 +26,18 @@ import httpx
 import pytest
 import torch
 
-from conftest import GSM8K, REPO, ServerProcess, metric, wait_metric
+from conftest import (
+    GSM8K,
+    MC_TASK,
+    REPO,
+    ServerProcess,
+    arithmetic_questions,
+    encode_pair,
+    metric,
+    scored,
+    wait_metric,
+    write_jsonl,
+)
 from server.metrics import GENERATED_TOKENS_TOTAL
 
 KEY = "k"
@@ -99,23 +109,6 @@ def access_log(srv: ServerProcess, start: int) -> list[tuple[str, str, int]]:
 
 
 # -- lm-evaluation-harness ---------------------------------------------------------------------------
-MC_TASK = """\
-task: arith_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
 # the bare question: after it this tiny checkpoint at RANK writes text of varied lengths, some of it
 # up to a newline (after "Answer:" it writes a newline at once, which would leave nothing to compare)
 GEN_TASK = """\
@@ -137,26 +130,6 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-
-
-def arithmetic_questions(n: int = 6, seed: int = 0) -> list[dict]:
-    """``n`` sums with 3 or 4 choices each, the right one at a random place (seed 0: this tiny
-    checkpoint at RANK picks 3 of 6 right, so an accuracy of 0 or 1 would show a miscount)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
-        wrong = rng.sample([a + b + d for d in (-10, -3, -2, -1, 1, 2, 3, 10) if a + b + d > 0], rng.choice([2, 3]))
-        choices = [str(c) for c in [a + b, *wrong]]
-        rng.shuffle(choices)
-        rows.append({"question": f"Ada has {a} apples and gets {b} more. How many apples does she have?",
-                     "choices": choices, "label": choices.index(str(a + b))})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -192,24 +165,6 @@ def lm_eval_run(lm_eval, server, tmp_path_factory):
     (results,) = (tmp / "out").glob("*/results_*.json")
     return {"samples": {t: samples(t) for t in names}, "results": json.loads(results.read_text())["results"],
             "requests": access_log(server, start), "mc_rows": mc_rows, "gen_rows": gen_rows}
-
-
-def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's ``TemplateLM._encode_pair`` for a causal model, with the remote tokenizer (which asks
-    ``/tokenize`` with ``add_special_tokens: false``): the context's trailing spaces move to the
-    continuation; the continuation's tokens are those of the whole after the context's."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    context_ids = tok(context, add_special_tokens=False)["input_ids"]
-    return context_ids, whole[len(context_ids):]
-
-
-def scored(sample: dict) -> list[tuple[str, str, float, bool]]:
-    """(context, continuation, loglikelihood, is_greedy) of each choice, as lm-eval logged them."""
-    args = [sample["arguments"][f"gen_args_{i}"] for i in range(len(sample["arguments"]))]
-    return [(a["arg_0"], a["arg_1"], float(r[0][0]), r[0][1] in (True, "True")) for a, r in zip(args, sample["resps"])]
 
 
 def in_process(served_in_process, rank: int, sample: dict) -> list[tuple[float, bool]]:

@@ -30,16 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("ckpt")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
-    e = sub.add_parser("eval", help="GSM8K accuracy, answer NLL and time at rank 0 and every rank; AURAC")
+    e = sub.add_parser("eval", help="GSM8K accuracy, answer NLL and time at rank 0 and every rank; AURAC; or any "
+                       "lm-evaluation-harness task at every rank (--harness)")
     e.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint folders (overlaid in the plot)")
-    e.add_argument("--data", required=True, help="GSM8K-style JSONL {question, answer ... #### n}")
+    e.add_argument("--data", help="GSM8K-style JSONL {question, answer ... #### n} (required without --harness)")
+    e.add_argument("--harness", metavar="TASK", help="instead: lm-evaluation-harness's own task TASK (e.g. gsm8k), "
+                   "run in-process with the adapter at each rank (needs the 'harness' extra); writes harness.json")
+    e.add_argument("--include-path", help="--harness: a folder of task YAMLs of your own")
+    e.add_argument("--harness-data", metavar="DIR", help="--harness: the task's splits from DIR/<split>.jsonl "
+                   "instead of the hub (e.g. ../shared/data/gsm8k), its prompts and metrics unchanged")
+    e.add_argument("--log-samples", action="store_true", help="--harness: write every document's requests and "
+                   "responses per rank")
     e.add_argument("--ranks", type=int_list, default=[], help="ranks of R to evaluate (default: all; 0 always)")
     e.add_argument("--limit", type=int, help="evaluate only the first N records (after --skip)")
     e.add_argument("--skip", type=int, default=0, help="skip the first N records (e.g. to hold out the end "
                    "of a train file)")
     e.add_argument("--no-generate", dest="generate", action="store_false",
                    help="answer NLL only: no generation, no accuracy (fast; for sweeps)")
-    e.add_argument("--shots", type=int, default=0, help="few-shot exemplars per prompt (reference: 8)")
+    e.add_argument("--shots", type=int, help="few-shot exemplars per prompt (reference: 8; default 0, "
+                   "with --harness the task's own)")
     e.add_argument("--fewshot-data", help="exemplar JSONL (default: train.jsonl next to --data)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-new-tokens", type=int, default=256)
@@ -119,12 +128,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+HARNESS_ONLY = {"include_path": None, "harness_data": None, "log_samples": False}
+NOT_WITH_HARNESS = {"data": None, "skip": 0, "generate": True, "fewshot_data": None, "max_new_tokens": 256}
+
+
 def cmd_eval(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    command = ["trainer", *(sys.argv[1:] if argv is None else argv)]
+    if args.harness:
+        from trainer.harness import HarnessConfig, run_harness
+
+        clash = [f"--{k.replace('_', '-')}" for k, default in NOT_WITH_HARNESS.items() if getattr(args, k) != default]
+        if clash:
+            raise ValueError(f"--harness {args.harness} runs the harness's own task: {', '.join(clash)} "
+                             "would be ignored, so they are refused (the task defines its data, prompts and "
+                             "generation)")
+        names = {f.name for f in fields(HarnessConfig)}
+        cfg = HarnessConfig(task=args.harness, **{k: v for k, v in vars(args).items() if k in names})
+        run_harness(cfg, command)
+        print(f"results written to {cfg.out}/harness.json and each checkpoint's matryoshka.json (eval_harness)")
+        return 0
     from trainer.evaluate import EvalConfig, run_eval
 
+    given = [f"--{k.replace('_', '-')}" for k, default in HARNESS_ONLY.items() if getattr(args, k) != default]
+    if args.data is None or given:
+        raise ValueError("--data is required (or --harness TASK)" if args.data is None else
+                         f"{', '.join(given)} only applies with --harness")
     names = {f.name for f in fields(EvalConfig)}
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in names})
-    run_eval(cfg, command=["trainer", *(sys.argv[1:] if argv is None else argv)])
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in names and k != "shots"}, shots=args.shots or 0)
+    run_eval(cfg, command)
     print(f"results written to {cfg.out}/results.json, results.csv, rank_curve.png")
     return 0
 
