@@ -377,3 +377,20 @@ def scored(sample: dict) -> list[tuple[str, str, float, bool]]:
     return [(a["arg_0"], a["arg_1"], float(r[0][0]), r[0][1] in (True, "True")) for a, r in zip(args, sample["resps"])]
 
 
+# -- the project with lm-evaluation-harness, in a venv of its own (trainer eval --harness) ----------
+HARNESS_VENV = REPO / ".venv-harness"
+HARNESS_TORCH = "torch==2.13.0"  # the CPU build the project pins, first, so that pip pulls no CUDA build
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # no hub
+
+
+@pytest.fixture(scope="module")
+def harness_python() -> str:
+    exe = os.environ.get("MLORA_HARNESS_PYTHON") or str(HARNESS_VENV / "bin" / "python")
+    if not Path(exe).exists() or not (Path(exe).parent / "lm_eval").exists():  # a venv half made is remade
+        v = HARNESS_VENV
+        made = subprocess.run(f"{sys.executable} -m venv {v} && {v}/bin/pip install -q '{HARNESS_TORCH}' && "
+                              f"{v}/bin/pip install -q -e '{REPO}[harness]'", shell=True, capture_output=True,
+                              text=True, timeout=1200)
+        if made.returncode != 0 or not Path(exe).exists():
+            pytest.skip(f"cannot make {HARNESS_VENV} (is PyPI reachable?): {made.stderr[-500:]}")
+    return exe

@@ -1,8 +1,8 @@
 """``trainer eval --harness``: lm-evaluation-harness's own tasks, in-process, at every rank.
 
-The harness runs in ``.venv-harness`` (this project with its ``harness`` extra; made here if
-missing, or named by ``MLORA_HARNESS_PYTHON``; without PyPI the tests are skipped), so that its
-many dependencies never meet the test environment's. What it computes at rank k is checked
+The harness runs in ``.venv-harness`` (this project with its ``harness`` extra; the conftest
+fixture ``harness_python`` makes it if missing, or ``MLORA_HARNESS_PYTHON`` names one; without
+PyPI the tests are skipped), so that its many dependencies never meet the test environment's. What it computes at rank k is checked
 against what this process computes for the same checkpoint at rank k."""
 
 from __future__ import annotations
@@ -10,32 +10,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import GSM8K, MC_TASK, REPO, arithmetic_questions, encode_pair, load_tiny, scored, write_jsonl
+from conftest import GSM8K, MC_TASK, OFFLINE, arithmetic_questions, encode_pair, load_tiny, scored, write_jsonl
 from trainer.checkpoint import load_adapter, read_meta
 from trainer.evaluate import loglikelihood
-
-VENV = REPO / ".venv-harness"
-TORCH = "torch==2.13.0"  # the CPU build the project pins, first, so that pip pulls no CUDA build
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def harness_python() -> str:
-    exe = os.environ.get("MLORA_HARNESS_PYTHON") or str(VENV / "bin" / "python")
-    if not Path(exe).exists() or not (Path(exe).parent / "lm_eval").exists():  # a venv half made is remade
-        made = subprocess.run(f"{sys.executable} -m venv {VENV} && {VENV}/bin/pip install -q '{TORCH}' && "
-                              f"{VENV}/bin/pip install -q -e '{REPO}[harness]'", shell=True, capture_output=True,
-                              text=True, timeout=1200)
-        if made.returncode != 0 or not Path(exe).exists():
-            pytest.skip(f"cannot make {VENV} (is PyPI reachable?): {made.stderr[-500:]}")
-    return exe
-
 
 def harness(python: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -92,7 +74,7 @@ def test_the_harness_gsm8k_task_runs_on_local_files(harness_python, tiny_model_d
     ckpt = tmp_path / "ckpt"
     subprocess.run(["cp", "-r", str(tiny_checkpoint), str(ckpt)], check=True)
     out = harness(harness_python, tmp_path, str(ckpt), "--harness", "gsm8k", "--harness-data", str(GSM8K),
-                  "--shots", "8", "--limit", "1", "--ranks", "8", "--model", str(tiny_model_dir),
+                  "--shots", "8", "--limit", "1", "--ranks", "8", "--max-new-tokens", "16", "--model", str(tiny_model_dir),
                   "--log-samples", "--out", str(tmp_path / "out"))
     assert "include:" in (tmp_path / "out" / "tasks" / "gsm8k_local.yaml").read_text()
     (entry,) = json.loads((tmp_path / "out" / "harness.json").read_text())["checkpoints"]

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --harness the task's own)")
     e.add_argument("--fewshot-data", help="exemplar JSONL (default: train.jsonl next to --data)")
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--max-new-tokens", type=int, help="generation budget (default 256, as the harness's "
+                   "gsm8k; with --harness: overrides the task's own max_gen_toks)")
     e.add_argument("--model", help="base model (default: each checkpoint's base_model name)")
     e.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES),
                    help=RULE_HELP + " (default: each checkpoint's own)")
@@ -129,7 +130,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 HARNESS_ONLY = {"include_path": None, "harness_data": None, "log_samples": False}
-NOT_WITH_HARNESS = {"data": None, "skip": 0, "generate": True, "fewshot_data": None, "max_new_tokens": 256}
+NOT_WITH_HARNESS = {"data": None, "skip": 0, "generate": True, "fewshot_data": None}
 
 
 def cmd_eval(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -154,7 +155,8 @@ def cmd_eval(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         raise ValueError("--data is required (or --harness TASK)" if args.data is None else
                          f"{', '.join(given)} only applies with --harness")
     names = {f.name for f in fields(EvalConfig)}
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in names and k != "shots"}, shots=args.shots or 0)
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in names and k not in ("shots", "max_new_tokens")},
+                     shots=args.shots or 0, max_new_tokens=args.max_new_tokens or 256)
     run_eval(cfg, command)
     print(f"results written to {cfg.out}/results.json, results.csv, rank_curve.png")
     return 0

@@ -20,6 +20,7 @@ are many, so a venv of its own suits it (the tests use ``.venv-harness``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import shlex
@@ -51,6 +52,7 @@ class HarnessConfig:
     dtype: str = "auto"
     seed: int = 1234  # the harness's few-shot sampling seed (its default)
     log_samples: bool = False  # also write every document's requests and responses, per rank
+    max_new_tokens: int | None = None  # None: the task's own generation budget (max_gen_toks)
 
 
 def _harness():
@@ -64,6 +66,20 @@ def _harness():
     return lm_eval, HFLM, TaskManager
 
 
+@contextlib.contextmanager
+def _without_env_report(lm_eval):
+    """``simple_evaluate`` ends every call by collecting the environment (torch's collect_env:
+    ``pip list`` and more, ~1–5 s); that report is not kept here (harness.json records versions
+    once), and at every rank of every checkpoint it would cost more than the evaluation."""
+    import lm_eval.evaluator as evaluator
+    saved = evaluator.add_env_info
+    evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = saved
+
+
 def run_harness(cfg: HarnessConfig, command: list[str] | None = None) -> dict:
     """Evaluate every checkpoint at rank 0 and each of its ranks with the harness's task."""
     from trainer.evaluate import select_ranks
@@ -71,6 +87,8 @@ def run_harness(cfg: HarnessConfig, command: list[str] | None = None) -> dict:
     lm_eval, HFLM, TaskManager = _harness()
     metas = [read_meta(c) for c in cfg.checkpoints]  # every bad input fails before any model loads
     ranks = [select_ranks(m, cfg.ranks, c) for m, c in zip(metas, cfg.checkpoints)]
+    from lm_eval.tasks import get_task_dict
+
     manager = TaskManager(include_path=cfg.include_path)
     if cfg.task not in manager.all_tasks:
         raise ValueError(f"--harness {cfg.task}: no such task in lm-eval {importlib.metadata.version('lm_eval')}"
@@ -80,7 +98,9 @@ def run_harness(cfg: HarnessConfig, command: list[str] | None = None) -> dict:
     if cfg.harness_data:
         local = Path(cfg.out) / "tasks"
         task = local_task(manager, cfg.task, Path(cfg.harness_data), local)
-        manager = TaskManager(include_path=[p for p in (cfg.include_path, str(local)) if p])
+        # only the local task and the user's: indexing the harness's thousands of YAMLs again takes seconds
+        manager = TaskManager(include_path=[p for p in (cfg.include_path, str(local)) if p], include_defaults=False)
+    tasks = get_task_dict([task], manager)  # built once (data, few-shot docs), evaluated at every rank
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     entries = []
@@ -91,13 +111,16 @@ def run_harness(cfg: HarnessConfig, command: list[str] | None = None) -> dict:
         model.eval()
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=str(device))
         per_rank = {}
+        budget = f"max_gen_toks={cfg.max_new_tokens}" if cfg.max_new_tokens else None  # None: the task's own
         for k in [0, *rks]:
             adapter.set_rank(k)
             t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=cfg.shots, limit=cfg.limit,
-                                          task_manager=manager, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                                          torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
-                                          bootstrap_iters=0, log_samples=cfg.log_samples)
+            with _without_env_report(lm_eval):
+                out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), num_fewshot=cfg.shots,
+                                              limit=cfg.limit, gen_kwargs=budget, task_manager=manager, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                                              torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+                                              bootstrap_iters=0, log_samples=cfg.log_samples)
+            n_docs = (out.get("n-samples") or {}).get(task, {}).get("effective")
             metrics = {name: value for name, value in out["results"][task].items()
                        if name != "alias" and isinstance(value, (int, float))}
             per_rank[str(k)] = {**metrics, "seconds": round(time.perf_counter() - t0, 3)}
@@ -107,14 +130,16 @@ def run_harness(cfg: HarnessConfig, command: list[str] | None = None) -> dict:
                 samples.write_text("".join(json.dumps(logged(x), default=str) + "\n" for x in out["samples"][task]))
             shown = "  ".join(f"{n} {v:.4f}" for n, v in metrics.items() if not n.endswith("_stderr,none"))
             print(f"{ckpt} rank {k}: {shown}", flush=True)
-        table = {"task": cfg.task, "data": cfg.harness_data or "the task's own", "shots": cfg.shots,
+        table = {"task": cfg.task, "data": cfg.harness_data or "the task's own", "shots": cfg.shots, "n": n_docs,
                  "limit": cfg.limit, "model": model_name,
                  "inference_rule": adapter.config.inference_rule, "lm_eval": importlib.metadata.version("lm_eval"),
                  "per_rank": per_rank}
         update_meta(ckpt, eval_harness={**(read_meta(ckpt).get("eval_harness") or {}), cfg.task: table})
         entries.append({"checkpoint": str(ckpt), "method": meta["method"], "r": meta["r"], **table})
         del lm, adapter, model
-    results = {"command": shlex.join(command if command is not None else sys.argv), "checkpoints": entries}
+    versions = {name: importlib.metadata.version(name) for name in ("lm_eval", "torch", "transformers")}
+    results = {"command": shlex.join(command if command is not None else sys.argv), "versions": versions,
+               "checkpoints": entries}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "harness.json", results)
