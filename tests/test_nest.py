@@ -193,3 +193,22 @@ def test_bad_nest_input_exits_2(tiny_model_dir, tmp_path, capsys):
     assert main(["nest", str(tmp_path / "peft"), "--out", str(tmp_path / "peft")]) == 2
     assert "is the input adapter itself" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def test_nest_with_eval_data_stores_the_nested_checkpoints_own_table(tiny_model_dir, tmp_path, capsys):
+    """trainer nest --eval-data: the table is that of the nested checkpoint, scored after nesting."""
+    from trainer.checkpoint import load_adapter
+    from trainer.data import load_examples
+    from trainer.evaluate import answer_scores
+
+    peft_adapter(tiny_model_dir, tmp_path / "peft")
+    assert main(["nest", str(tmp_path / "peft"), "--model", str(tiny_model_dir), "--eval-data", "facts:6",
+                 "--out", str(tmp_path / "n")]) == 0
+    table = json.loads((tmp_path / "n" / META).read_text())["eval"]
+    assert list(table["per_rank"]) == ["0", "1", "2", "4", "6"] and table["data"] == "facts:6"
+    assert "eval on facts:6 (6 examples" in capsys.readouterr().out
+    model, tok = load_tiny(tiny_model_dir)
+    adapter, _ = load_adapter(tmp_path / "n", model)
+    adapter.set_rank(2)
+    nll, _ = answer_scores(model, load_examples("facts:6", tok, None, None)[0], tok.pad_token_id, 16)
+    assert table["per_rank"]["2"]["nll"] == pytest.approx(nll, rel=1e-4)

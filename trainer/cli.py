@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="s(k); only none makes every rank-k prefix the best rank-k approximation")
     n.add_argument("--inference-rule", choices=("auto", *INFERENCE_RULES), default="auto",
                    help=RULE_HELP + " (trained serves the best rank-k part under any scaling)")
+    n.add_argument("--eval-data", metavar="DATA", help="then score rank 0 and every rank on DATA (as trainer "
+                   "train --eval-data: a JSONL path or facts:N[:SEED]), print the table, store it in the checkpoint")
     return p
 
 
@@ -175,6 +177,10 @@ def cmd_nest(args: argparse.Namespace) -> int:
 
     out = nest_adapter(args.peft_dir, args.out, args.model, args.ranks, args.scaling, args.inference_rule)
     print(f"nested checkpoint written to {out}")
+    if args.eval_data:
+        from trainer.evaluate import eval_checkpoint, rank_table_text
+
+        print(rank_table_text(eval_checkpoint(out, args.eval_data)))
     return 0
 
 

@@ -330,6 +330,24 @@ def showcase(model, tok, adapter, examples: list[Example], batch_size: int) -> d
             "answers": by_rank}
 
 
+def eval_checkpoint(ckpt: str | Path, data: str, model: str | None = None, batch_size: int = 16) -> dict:
+    """:func:`score_ranks` of a written checkpoint on ``data`` (a JSONL path or ``facts:N``),
+    stored in its ``matryoshka.json`` (``eval``); returns the table."""
+    from trainer.data import load_examples
+
+    meta = read_meta(ckpt)
+    name = model or meta["base_model"]["name"]
+    device = resolve_device("auto")
+    net, tok = load_model(name, device, resolve_dtype("auto", device))
+    adapter, _ = load_adapter(ckpt, net)
+    net.eval()
+    examples, report = load_examples(data, tok, None, None)
+    with torch.no_grad():
+        table = score_ranks(net, tok, adapter, examples, batch_size, report.path, name)
+    update_meta(ckpt, eval=table)
+    return table
+
+
 def rank_table_text(table: dict) -> str:
     """The ``eval`` table as the terminal shows it: one line per rank."""
     lines = [f"eval on {table['data']} ({table['n']} examples, rule {table['inference_rule']}):",
