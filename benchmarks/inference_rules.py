@@ -41,6 +41,7 @@ METHODS = ("lora", "dylora", "dylora-row", "matryoshka")  # dylora-row: --rank-s
 NESTS = {"svd": "lora", "dylora-svd": "dylora", "dylora-row-svd": "dylora-row",  # each trained function,
          "matryoshka-svd": "matryoshka"}  # at full rank under its shipped rule, nested by SVD (trainer nest)
 ALL = (*METHODS, *NESTS)
+METHOD_FLAGS = {"dylora-row": ["--method", "dylora", "--rank-sampling", "row"]}  # the others: --method NAME
 SEEDS = (0, 1, 2)
 FACT_LAYERS = 8  # of SmolLM2-135M's 30
 TASKS = {
@@ -82,9 +83,7 @@ def fact_targets(n_layers: int = 30) -> str:
 
 def train_args(task: str, method: str, seed: int, run_dir: Path, out: Path, model: str) -> list[str]:
     t = TASKS[task]
-    if method == "dylora-row":
-        method = "dylora --rank-sampling row"
-    common = ["--model", model, *f"--method {method}".split(), "--rank", str(t["rank"]), "--lr", str(t["lr"]),
+    common = ["--model", model, *METHOD_FLAGS.get(method, ["--method", method]), "--rank", str(t["rank"]), "--lr", str(t["lr"]),
               "--seed", str(seed), "--batch-size", str(t["batch_size"]), "--max-length", str(t["max_length"]),
               "--warmup-steps", str(t["warmup"]), "--no-progress", "--out", str(out)]
     if task.startswith("facts"):

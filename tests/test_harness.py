@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_the_harness_scores_each_rank_with_the_loglikelihoods_of_that_rank(harne
     rows = arithmetic_questions()
     (tasks / "arith_mc.yaml").write_text(MC_TASK.format(data=write_jsonl(tmp_path / "arith.jsonl", rows)))
     ckpt = tmp_path / "ckpt"
-    subprocess.run(["cp", "-r", str(tiny_checkpoint), str(ckpt)], check=True)  # eval_harness is written into it
+    shutil.copytree(tiny_checkpoint, ckpt)  # eval_harness is written into it
     harness(harness_python, tmp_path, str(ckpt), "--harness", "arith_mc", "--include-path", str(tasks),
             "--ranks", "2,8", "--model", str(tiny_model_dir), "--batch-size", "4", "--log-samples",
             "--out", str(tmp_path / "out"))
@@ -72,7 +73,7 @@ def test_the_harness_gsm8k_task_runs_on_local_files(harness_python, tiny_model_d
     """The harness's own gsm8k task (prompts, 8-shot exemplars from train, regexes), its data read
     from local JSONL instead of the hub: what a GPU machine without a dataset hub runs."""
     ckpt = tmp_path / "ckpt"
-    subprocess.run(["cp", "-r", str(tiny_checkpoint), str(ckpt)], check=True)
+    shutil.copytree(tiny_checkpoint, ckpt)
     out = harness(harness_python, tmp_path, str(ckpt), "--harness", "gsm8k", "--harness-data", str(GSM8K),
                   "--shots", "8", "--limit", "1", "--ranks", "8", "--max-new-tokens", "16", "--model", str(tiny_model_dir),
                   "--log-samples", "--out", str(tmp_path / "out"))

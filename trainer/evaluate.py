@@ -342,8 +342,14 @@ def eval_checkpoint(ckpt: str | Path, data: str, model: str | None = None, batch
     adapter, _ = load_adapter(ckpt, net)
     net.eval()
     examples, report = load_examples(data, tok, None, None)
-    with torch.no_grad():
-        table = score_ranks(net, tok, adapter, examples, batch_size, report.path, name)
+    return score_and_store(ckpt, net, tok, adapter, examples, batch_size, report.path, name)
+
+
+@torch.no_grad()
+def score_and_store(ckpt: str | Path, model, tok, adapter, examples: list[Example], batch_size: int, data: str,
+                    model_name: str) -> dict:
+    """:func:`score_ranks`, written into ``ckpt``'s ``matryoshka.json`` as its ``eval`` table."""
+    table = score_ranks(model, tok, adapter, examples, batch_size, data, model_name)
     update_meta(ckpt, eval=table)
     return table
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import load_adapter_weights, read_meta, save_adapter, staged_dir, update_meta
+from trainer.checkpoint import load_adapter_weights, read_meta, save_adapter, staged_dir
 from trainer.data import DATA_HELP, FACTS_SPEC, IGNORE, Example, collate, load_examples
 from trainer.flags import flag_of
 from trainer.inject import AdapterConfig, NestedAdapter
@@ -353,18 +353,15 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-@torch.no_grad()
 def _eval_ranks(out: Path, model, tok, adapter: NestedAdapter, cfg: TrainConfig, train_examples, d: Dist) -> None:
-    from trainer.evaluate import rank_table_text, score_ranks  # evaluate imports this module
+    from trainer.evaluate import rank_table_text, score_and_store  # evaluate imports this module
 
     if cfg.eval_data == "train":
         examples, name = train_examples, f"the training data ({cfg.data or '<generated demo>'})"
     else:
         examples, report = load_examples(cfg.eval_data, tok, None, None)
         name = report.path
-    table = score_ranks(model, tok, adapter, examples, cfg.batch_size, name, cfg.model)
-    update_meta(out, eval=table)
-    log(d, rank_table_text(table))
+    log(d, rank_table_text(score_and_store(out, model, tok, adapter, examples, cfg.batch_size, name, cfg.model)))
 
 
 def row_rank_coeffs(a: AdapterConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
