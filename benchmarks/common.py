@@ -44,11 +44,16 @@ def serve(model: str, ckpt: Path, *extra: str, ready_timeout_s: float = 600,
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def untrained_adapter(model: str, folder: Path, r: int = 16, std: float = 0.01) -> Path:

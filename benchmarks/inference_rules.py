@@ -97,10 +97,10 @@ def ckpt_dir(run_dir: Path, task: str, method: str, seed: int) -> Path:
     return run_dir / task / f"{method}-s{seed}"
 
 
-def phase_train(run_dir: Path, model: str, tasks: list[str]) -> None:
+def phase_train(run_dir: Path, model: str, tasks: list[str], methods: tuple[str, ...] = METHODS) -> None:
     for task in tasks:
         for seed in SEEDS:
-            for method in METHODS:
+            for method in methods:
                 out = ckpt_dir(run_dir, task, method, seed)
                 if (out / "matryoshka.json").exists():
                     continue
@@ -108,7 +108,7 @@ def phase_train(run_dir: Path, model: str, tasks: list[str]) -> None:
                     run_dir / "logs" / f"train-{task}-{method}-s{seed}.log")
             for nested, source in NESTS.items():
                 out = ckpt_dir(run_dir, task, nested, seed)
-                if (out / "matryoshka.json").exists():
+                if source not in methods or (out / "matryoshka.json").exists():
                     continue
                 src = ckpt_dir(run_dir, task, source, seed)
                 peft = run_dir / task / f"{source}-s{seed}-peft"
@@ -351,12 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", choices=("train", "eval", "all"), default="all")
     ap.add_argument("--tasks", default="facts,gsm8k")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"trained methods, comma-separated, of {','.join(METHODS)} (with their SVD nests)")
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "inference_rules")
     ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "inference_rules")
     args = ap.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if unknown := [m for m in methods if m not in METHODS]:
+        ap.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     if args.phase in ("train", "all"):
-        phase_train(args.run_dir, args.model, tasks)
+        phase_train(args.run_dir, args.model, tasks, methods)
     if args.phase in ("eval", "all"):
         phase_eval(args.run_dir, args.results, args.model, tasks)
     return 0

@@ -102,6 +102,8 @@ def _setup_adapter(settings: ServerSettings, model):
     if model.dtype != torch.float32:  # no autocast when serving: the adapter runs in the base dtype
         for layer in adapter.layers.values():
             layer.to(model.dtype)
+    if settings.fuse:  # after the dtype cast: fused weights are views that a later .to() would break
+        adapter.fuse()
     return adapter, meta
 
 

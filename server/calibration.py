@@ -74,4 +74,4 @@ def cache_key(settings, meta: dict, device, dtype) -> dict:
     """What a measurement depends on: a change to any of these measures again."""
     return {"model": settings.model, "adapter": meta.get("adapter_sha256"), "device": str(device),
             "dtype": str(dtype), "batch": settings.max_batch_size, "steps": settings.calibrate_steps,
-            "merge_rank": settings.merge_rank}
+            "merge_rank": settings.merge_rank, "fuse": settings.fuse}

@@ -101,6 +101,7 @@ def setup(tiny_model_dir):
     with torch.no_grad():
         for layer in adapter.layers.values():
             layer.lora_Bt.normal_(std=0.3)  # strong enough that every rank answers differently
+    adapter.fuse()  # as the server runs it (--fuse true); reference() runs unfused
     return model, tok, adapter
 
 
@@ -111,18 +112,25 @@ def make_engine(setup, **cfg) -> Engine:
 
 
 def reference(setup, prompt_ids: list[int], rank: int, n: int) -> tuple[list[int], list[torch.Tensor]]:
-    """One request alone, the plain way: full forward over the whole sequence at each step."""
+    """One request alone, the plain way: full forward over the whole sequence at each step, every
+    adapted module its own three ops (unfused, even where the engine under test runs fused)."""
     model, tok, adapter = setup
+    fused = bool(adapter.groups)
+    adapter.unfuse()
     adapter.set_rank(rank)
     ids, steps = list(prompt_ids), []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            steps.append(logits)
-            nxt = int(logits.argmax())
-            if nxt == tok.eos_token_id:
-                break
-            ids.append(nxt)
+    try:
+        with torch.no_grad():
+            for _ in range(n):
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+                steps.append(logits)
+                nxt = int(logits.argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                ids.append(nxt)
+    finally:
+        if fused:
+            adapter.fuse()
     return ids[len(prompt_ids):], steps
 
 

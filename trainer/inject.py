@@ -120,6 +120,7 @@ class NestedAdapter:
         self.merged_rank: int | None = None  # rank folded into the base weights, if any
         self._coeffs = _coeff_tensors(config)
         self._pristine: dict[str, torch.Tensor] | None = None  # base weights before any remerge()
+        self.groups: list = []  # trainer.fusion.FusedGroup, once fuse() ran (serving only)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -249,8 +250,46 @@ class NestedAdapter:
             k, self.merged_rank = self.merged_rank, None
             self.set_rank(k)
 
+    # -- sibling fusion (serving) --------------------------------------------------------------
+    @torch.no_grad()
+    def fuse(self, probe_token: int = 0) -> list[list[str]]:
+        """Compute the adapted modules that read one input as one GEMM (:mod:`trainer.fusion`):
+        found by a probe forward, kept only if the fused model's logits on a two-row probe (full
+        rank and the lowest rank, one per row) match the unfused ones. Returns the groups. For
+        serving: the adapter no longer trains, and the model's dtype/device must not change
+        afterwards (:meth:`unfuse` first)."""
+        from trainer.fusion import FusedGroup, sibling_groups
+
+        if self.groups:
+            return [[self._name(m) for m in g.members] for g in self.groups]
+        ids = torch.full((2, 3), probe_token, dtype=torch.long, device=self.device)
+        saved = (self.state.coeffs, self.state.uniform)
+        self.set_rank(self.config.r)
+        names = sibling_groups(self.model, self.layers, ids[:1])
+        self.set_row_ranks([self.config.r, self.config.ranks[0]])
+        before = self.model(input_ids=ids, use_cache=False).logits.float()
+        self.groups = [FusedGroup([self.layers[n] for n in group]) for group in names]
+        after = self.model(input_ids=ids, use_cache=False).logits.float()
+        self.state.coeffs, self.state.uniform = saved
+        tol = (1e-4 if self.dtype == torch.float32 else 3e-2) * (1 + float(before.abs().max()))
+        if not torch.allclose(before, after, rtol=0, atol=tol):
+            self.unfuse()
+            raise RuntimeError(f"sibling fusion changed the model's output on a probe by "
+                               f"{float((before - after).abs().max()):.3g} (tolerance {tol:.3g}); left unfused")
+        return names
+
+    def unfuse(self) -> None:
+        """Undo :meth:`fuse`: every module gets its own tensors again (merges are kept)."""
+        for g in self.groups:
+            g.unfuse()
+        self.groups = []
+
+    def _name(self, layer: NestedLoRALinear) -> str:
+        return next(n for n, l in self.layers.items() if l is layer)
+
     def merge_and_unload(self, k: int) -> nn.Module:
         """A plain model with the rank-k adapter merged in and the wrappers removed."""
+        self.unfuse()
         self.merge(k)
         for name, layer in self.layers.items():
             parent_name, _, child = name.rpartition(".")

@@ -216,6 +216,7 @@ class NestedLoRALinear(nn.Module):
         self.lora_Bt = nn.Parameter(torch.zeros(r, base.out_features, device=dev))
         self.merged_rank: int | None = None
         self._merged_c: torch.Tensor | None = None  # the coefficients merge() folded into W
+        self.group = None  # a trainer.fusion.FusedGroup once fused for serving: it computes this output
         self.reset_parameters(a_init)
 
     def reset_parameters(self, a_init: str = "peft") -> None:
@@ -229,6 +230,8 @@ class NestedLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_Bt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            return self.group.output(self, x)
         y = self.base(x)  # (..., out)
         c = self.state.coeffs
         if c is None:
