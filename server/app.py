@@ -157,8 +157,9 @@ def _setup_controller(settings: ServerSettings, metrics: Metrics, throughput: di
 
 def _setup_engine(settings: ServerSettings, runner: ModelRunner, tok, context: int, ranks: list[int],
                   controller: RankController, metrics: Metrics, auto_merge: AutoMerge | None) -> Engine:
-    config = EngineConfig(settings.max_batch_size, settings.max_queue, settings.max_prefill_tokens, context,
-                          settings.step_timeout_s)
+    config = EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                          max_prefill_tokens=settings.max_prefill_tokens, context_length=context,
+                          step_timeout_s=settings.step_timeout_s, prefill_chunk_tokens=settings.prefill_chunk_tokens)
 
     def on_step(stats: StepStats) -> None:  # one stats object per step, to the metrics and the controller
         metrics.record(stats)

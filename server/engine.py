@@ -6,7 +6,10 @@ Each step reads like a sentence — ``schedule → execute → update``:
   (``max_batch_size`` rows) and the step's prompt budget (``max_prefill_tokens``) lasts; fix
   each admitted request's rank (``auto`` asks the rank policy) for its whole generation;
 * **execute**: prefill the admitted prompts and join them to the batch, then one decode step for
-  every row (continuous batching: rows join and leave between decode steps);
+  every row (continuous batching: rows join and leave between decode steps). A prompt longer
+  than ``prefill_chunk_tokens`` is prefilled that many tokens per step instead (chunked
+  prefill, one such prompt at a time), so the running rows keep decoding while it comes in:
+  a step costs at most one piece more than a decode step, never the whole long prompt;
 * **update**: sample, detokenise, check stop conditions, stream events to each request's sink,
   drop finished rows, and hand one :class:`StepStats` to the metrics.
 
@@ -36,7 +39,7 @@ from server.engine_types import AUTO, EngineConfig, Event, GenerationRequest, Ra
 from server.errors import Draining, EngineDead, InvalidRequest, Overloaded
 from server.detok import IncrementalDetokenizer
 from server.merging import AutoMerge
-from server.runner import ModelRunner
+from server.runner import ModelRunner, PartialPrefill, Prefilled
 from server.sampling import RowSampling, Sampled, make_generator, sample
 from server.stops import find_stop, partial_stop
 
@@ -58,6 +61,7 @@ class Engine:
         self.on_stall = on_stall or (lambda age: None)  # a step ran past config.step_timeout_s
         self.tick_s = tick_s
         self.auto_merge = auto_merge  # keeps the traffic's dominant rank merged (None: never re-merge)
+        self._partial: tuple[Row, PartialPrefill] | None = None  # the long prompt being prefilled in pieces
         self._arrivals = 0
         eos = runner.model.generation_config.eos_token_id if runner.model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
@@ -125,7 +129,7 @@ class Engine:
         return len(self._rows)
 
     def idle(self) -> bool:
-        return not self._waiting and not self._rows
+        return not self._waiting and not self._rows and self._partial is None
 
     def step_age(self) -> float:
         """Seconds the running step has taken so far (0 between steps)."""
@@ -159,11 +163,12 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                if not self._stop and not self._waiting and not self._rows and not self._aborted:
+                if not self._stop and not self._waiting and not self._rows and not self._aborted \
+                        and self._partial is None:
                     self._cv.wait(self.tick_s)
                 if self._stop:
                     break
-                work = self._waiting or self._rows or self._aborted or self._arrivals
+                work = self._waiting or self._rows or self._aborted or self._arrivals or self._partial
             try:
                 self.on_tick()
             except Exception:
@@ -197,9 +202,13 @@ class Engine:
 
     def step(self) -> StepStats:
         stats = StepStats()
-        admitted = self._schedule(stats)
+        admitted, long_prompt = self._schedule(stats)
+        if long_prompt is not None:
+            self._start_partial(long_prompt, stats)
+        joined = self._prefill_piece(stats) if self._partial is not None else False
         if admitted:
             self._prefill(admitted, stats)
+        if admitted or joined:
             self._retire(stats)  # rows that ended on their first token
         if self._rows and self.auto_merge is not None:
             target = self.auto_merge.observe([r.rank for r in self._rows], time.monotonic())
@@ -226,7 +235,8 @@ class Engine:
             log.exception("recording the step's metrics failed; the engine goes on")
         return stats
 
-    def _schedule(self, stats: StepStats) -> list[GenerationRequest]:
+    def _schedule(self, stats: StepStats) -> tuple[list[GenerationRequest], GenerationRequest | None]:
+        """(requests to prefill whole this step, a long prompt to start prefilling in pieces)."""
         with self._cv:  # the clock read under the lock: every request seen was queued before it
             now = time.monotonic()
             aborted, self._aborted = self._aborted, set()
@@ -245,35 +255,81 @@ class Engine:
                     row.finish = "abort"
                 elif row.req.deadline is not None and now > row.req.deadline:
                     row.finish = "timeout"
-            admitted, budget = [], self.config.max_prefill_tokens
-            room = self.config.max_batch_size - sum(r.finish is None for r in self._rows)
-            while self._waiting and len(admitted) < room:
+            if self._partial is not None:
+                row = self._partial[0]
+                why = "abort" if row.req.id in aborted else (
+                    "timeout" if row.req.deadline is not None and now > row.req.deadline else None)
+                if why:
+                    self._partial = None
+                    self._finish_unstarted(row.req, why, stats, rank=row.rank)
+            chunk = self.config.prefill_chunk_tokens
+            admitted, long_prompt, budget = [], None, self.config.max_prefill_tokens
+            if self._partial is not None:
+                budget -= min(chunk, self._partial[1].remaining)
+            room = self.config.max_batch_size - sum(r.finish is None for r in self._rows) - (self._partial is not None)
+            while self._waiting and len(admitted) + (long_prompt is not None) < room:
                 n = len(self._waiting[0].prompt_ids)
-                if admitted and n > budget:
+                if chunk and n > chunk:  # prefilled in pieces, one such prompt at a time (in order)
+                    if self._partial is not None or long_prompt is not None:
+                        break
+                    long_prompt = self._waiting.popleft()
+                    budget -= chunk
+                    continue
+                if (admitted or long_prompt or self._partial) and n > budget:
                     break
                 admitted.append(self._waiting.popleft())
                 budget -= n
         if any(r.finish for r in self._rows):
             self._retire(stats)
-        return admitted
+        return admitted, long_prompt
+
+    def _new_row(self, req: GenerationRequest, now: float, stats: StepStats) -> Row | None:
+        """The request's row, its rank fixed now; None (and the request answered) if that fails."""
+        stats.queue_waits.append(now - req.arrival)
+        try:
+            rank = self.auto_rank() if req.rank == AUTO else req.rank
+            if req.elastic and req.rank != AUTO:
+                rank = min(rank, self.auto_rank())  # a ceiling the controller may lower
+            sampling = RowSampling(req.params, req.prompt_ids, make_generator(req.params.seed))
+            return Row(req, rank, sampling, IncrementalDetokenizer(self.tok), admitted=now)
+        except Exception as e:  # e.g. a seed torch cannot take: this request alone
+            log.exception("request %s failed before prefill", req.id)
+            self._finish_unstarted(req, "error", stats, error=isolation.describe(e))
+            return None
+
+    def _start_partial(self, req: GenerationRequest, stats: StepStats) -> None:
+        row = self._new_row(req, time.monotonic(), stats)
+        if row is not None:
+            self._partial = (row, PartialPrefill(req.prompt_ids, row.rank, req.prompt_logprobs))
+
+    def _prefill_piece(self, stats: StepStats) -> bool:
+        """The next piece of the long prompt; True when it completed and its row joined."""
+        row, part = self._partial
+        n = min(self.config.prefill_chunk_tokens, part.remaining)
+        stats.prefill_tokens += n
+        try:
+            new, error = isolation.prefill_piece(self.runner, part, n)
+        except isolation.ModelBroken:
+            self._partial = None
+            with self._cv:  # answered by _fail_all once the engine is marked dead
+                self._waiting.appendleft(row.req)
+            raise
+        if error is not None:
+            self._partial = None
+            self._finish_unstarted(row.req, "error", stats, error=error, rank=row.rank)
+            return False
+        if new is None:
+            return False
+        self._partial = None
+        self._admit([row], new.logits, [new], new.prompt_logprobs, stats)
+        return True
 
     def _prefill(self, reqs: list[GenerationRequest], stats: StepStats) -> None:
         now = time.monotonic()
-        rows = []
-        for req in reqs:
-            stats.queue_waits.append(now - req.arrival)
-            try:
-                rank = self.auto_rank() if req.rank == AUTO else req.rank
-                if req.elastic and req.rank != AUTO:
-                    rank = min(rank, self.auto_rank())  # a ceiling the controller may lower
-                sampling = RowSampling(req.params, req.prompt_ids, make_generator(req.params.seed))
-                rows.append(Row(req, rank, sampling, IncrementalDetokenizer(self.tok), admitted=now))
-            except Exception as e:  # e.g. a seed torch cannot take: this request alone
-                log.exception("request %s failed before prefill", req.id)
-                self._finish_unstarted(req, "error", stats, error=isolation.describe(e))
+        rows = [row for row in (self._new_row(req, now, stats) for req in reqs) if row is not None]
         if not rows:
             return
-        stats.prefill_tokens = sum(len(r.req.prompt_ids) for r in rows)
+        stats.prefill_tokens += sum(len(r.req.prompt_ids) for r in rows)
         try:
             out, parts = isolation.prefill(self.runner, [r.req.prompt_ids for r in rows], [r.rank for r in rows],
                                            [r.req.prompt_logprobs for r in rows])
@@ -285,10 +341,14 @@ class Engine:
             stats.retried_apart += 1
             for i, err in out.errors.items():
                 self._finish_unstarted(rows[i].req, "error", stats, error=err, rank=rows[i].rank)
+        self._admit([rows[i] for i in out.kept], out.logits, parts, out.prompt_logprobs, stats)
+
+    def _admit(self, rows: list[Row], logits: torch.Tensor | None, parts: list[Prefilled],
+               prompt_logprobs: list | None, stats: StepStats) -> None:
+        """Join prefilled rows to the batch and sample their first tokens (``logits``: (rows, V))."""
         for part in parts:
             self.runner.join(part)
-        rows = [rows[i] for i in out.kept]
-        for row, scored in zip(rows, out.prompt_logprobs or []):
+        for row, scored in zip(rows, prompt_logprobs or []):
             row.prompt_logprobs = scored
         self._rows.extend(rows)
         sampled = [i for i, r in enumerate(rows) if r.req.params.max_new_tokens > 0]
@@ -296,7 +356,7 @@ class Engine:
             if row.req.params.max_new_tokens == 0:  # scoring only (echo): nothing to generate
                 row.finish = "length"
         if sampled:
-            self._update([rows[i] for i in sampled], out.logits[sampled], stats)
+            self._update([rows[i] for i in sampled], logits[sampled], stats)
 
     def _update(self, rows: list[Row], logits: torch.Tensor, stats: StepStats) -> None:
         """Sample one token per row, stream its text, and mark rows that are done (a row whose

@@ -102,5 +102,6 @@ class EngineConfig:
     max_batch_size: int = 16  # rows decoded together
     max_queue: int = 256  # waiting requests beyond which submit() raises Overloaded
     max_prefill_tokens: int = 4096  # prompt tokens admitted per step (the first always fits)
+    prefill_chunk_tokens: int = 256  # longer prompts are prefilled this many tokens per step (0: whole)
     context_length: int = 8192  # prompt + max_new_tokens must fit
     step_timeout_s: float = 120.0  # a step running longer is reported stuck (health, metrics)

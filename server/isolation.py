@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from server.runner import Batch, ModelRunner, Prefilled
+from server.runner import Batch, ModelRunner, PartialPrefill, Prefilled
 
 log = logging.getLogger(__name__)
 PROBE_TOKEN = 0  # any id is in range of the embedding table
@@ -64,6 +64,20 @@ def prefill(runner: ModelRunner, prompts: list[list[int]], ranks: list[int],
     parts = list(done.values())
     plp = [(p.prompt_logprobs or [None])[0] for p in parts]
     return Outcome(list(done), torch.cat([p.logits for p in parts]) if parts else None, errors, plp), parts
+
+
+@torch.inference_mode()
+def prefill_piece(runner: ModelRunner, part: PartialPrefill, n: int) -> tuple[Prefilled | None, str | None]:
+    """The next ``n`` tokens of a long prompt (``ModelRunner.prefill_piece``) → (the row once
+    complete, else None; None, or this request's error). A piece that raises fails its request
+    alone, unless the model fails the probe too (:class:`ModelBroken`)."""
+    try:
+        return runner.prefill_piece(part, n), None
+    except Exception as e:
+        log.warning("a prefill piece (tokens %d–%d of %d) raised %s", part.done, part.done + n, len(part.prompt),
+                    describe(e))
+        check_model(runner)
+        return None, describe(e)
 
 
 @torch.inference_mode()

@@ -7,6 +7,8 @@ Pure tensor work, no threads or HTTP. The running batch keeps one KV cache, left
 
 * :meth:`prefill` runs new prompts (left-padded together, each at its rank) and returns their
   cache, which :meth:`join` pads to the batch's width and appends as new rows;
+* :meth:`prefill_piece` runs one long prompt a piece at a time (chunked prefill: the engine
+  decodes the running rows between pieces), and returns the same once the prompt is complete;
 * :meth:`decode` feeds one token per row and returns the next-token logits;
 * :meth:`leave` drops finished rows and trims columns that only padding uses.
 
@@ -41,6 +43,22 @@ class Prefilled:
     logits: torch.Tensor  # (b, V) next-token logits
     # per row: None, or the prompt's own logprobs (one entry per prompt token, the first None)
     prompt_logprobs: list[list[TokenLogprob | None] | None] | None = None
+
+
+@dataclass
+class PartialPrefill:
+    """One prompt being prefilled a piece at a time: its cache holds ``prompt[:done]``."""
+
+    prompt: list[int]
+    rank: int
+    prompt_logprobs: int | None = None
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0
+    hidden: list[torch.Tensor] = field(default_factory=list)  # each piece's hidden states, when scoring
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompt) - self.done
 
 
 @dataclass
@@ -120,6 +138,41 @@ class ModelRunner:
         scored = [None if n is None else self._score_prompt(captured["h"][i, width - len(p):], p, n)
                   for i, (p, n) in enumerate(zip(prompts, prompt_logprobs))]
         return Prefilled(cache, mask, positions[:, -1] + 1, list(ranks), logits, scored)
+
+    @torch.inference_mode()
+    def prefill_piece(self, part: PartialPrefill, n: int) -> Prefilled | None:
+        """Feed the next ``n`` tokens of ``part``'s prompt (one row, no padding: positions
+        ``done … done+n-1`` attend to the cache and to each other). Returns the row, as
+        :meth:`prefill` would have, once the whole prompt is in; None before. The cache is
+        replaced, never written into, so a piece that raises leaves ``part`` as it was."""
+        a, b = part.done, min(part.done + n, len(part.prompt))
+        ids = torch.tensor([part.prompt[a:b]], dtype=torch.long, device=self.device)  # (1, n)
+        mask = torch.ones((1, b), dtype=torch.long, device=self.device)  # (1, done + n)
+        positions = torch.arange(a, b, device=self.device).unsqueeze(0)  # (1, n)
+        cache = DynamicCache([(l.keys, l.values) for l in part.cache.layers]) if a else DynamicCache()
+        hook = None
+        if part.prompt_logprobs is not None:
+            captured = {}
+
+            def keep_hidden(module, args, out):
+                captured["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (1, n, H)
+
+            hook = self.model.get_decoder().register_forward_hook(keep_hidden)
+        try:
+            logits = self._forward(ids, mask, positions, cache, [part.rank])
+        finally:
+            if hook is not None:
+                hook.remove()
+        part.cache, part.done = cache, b
+        if hook is not None:
+            part.hidden.append(captured["h"][0])
+        if part.remaining:
+            return None
+        scored = None
+        if part.prompt_logprobs is not None:
+            scored = [self._score_prompt(torch.cat(part.hidden), part.prompt, part.prompt_logprobs)]
+            part.hidden = []
+        return Prefilled(cache, mask, torch.tensor([b], device=self.device), [part.rank], logits, scored)
 
     def _score_prompt(self, hidden: torch.Tensor, ids: list[int], n: int) -> list[TokenLogprob | None]:
         """``hidden`` (L, H): the prompt's hidden states; position j predicts token j + 1."""

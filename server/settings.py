@@ -26,6 +26,9 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, description="rows decoded together")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per engine step")
+    prefill_chunk_tokens: int = Field(256, ge=0, description="a longer prompt is prefilled this many tokens "
+                                      "per engine step, the running rows decoding between pieces (chunked prefill; "
+                                      "0: every prompt whole)")
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of every request (a request may ask less)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger bodies get 413")

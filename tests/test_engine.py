@@ -184,3 +184,97 @@ def test_auto_merge_re_merges_mid_generation_without_changing_any_output(setup):
         assert [k for k, _ in merges] == [2] and adapter.merged_rank == 2
     finally:
         adapter.unmerge()
+
+
+# -- chunked prefill: a long prompt comes in a piece per step while the running rows decode ------------
+def long_prompt(tok, n: int = 40) -> list[int]:
+    ids = []
+    while len(ids) < n:
+        ids += tok(" ".join(PROMPTS))["input_ids"]
+    return ids[:n]
+
+
+@pytest.mark.parametrize("scored", [None, 3])
+def test_a_prompt_prefilled_in_pieces_gives_the_whole_prefill_row(setup, scored):
+    """Pieces of 7 tokens (the last one short) end with the logits, cache and prompt logprobs of one
+    whole prefill, and decoding after them continues exactly."""
+    from server.runner import PartialPrefill
+
+    model, tok, adapter = setup
+    ids = long_prompt(tok, 40)
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    whole = runner.prefill([ids], [4], [scored])
+    part = PartialPrefill(ids, 4, scored)
+    pieces = [runner.prefill_piece(part, 7) for _ in range(6)]
+    assert pieces[:5] == [None] * 5 and pieces[5] is not None and part.remaining == 0
+    done = pieces[5]
+    torch.testing.assert_close(done.logits, whole.logits, atol=1e-4, rtol=1e-4)
+    assert done.positions.tolist() == whole.positions.tolist() == [40]
+    if scored:
+        for a, b in zip(done.prompt_logprobs[0][1:], whole.prompt_logprobs[0][1:]):
+            assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    nxt = int(whole.logits.argmax())
+    outs = []
+    for new in (whole, done):
+        runner.reset()
+        runner.join(new)
+        outs.append(runner.decode([nxt]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+def test_running_rows_decode_between_the_pieces_of_a_long_prompt(setup):
+    """Chunked prefill: while an 80-token prompt comes in 16 tokens per step, the running row gets
+    a token every step; the long request then answers exactly what it answers alone."""
+    model, tok, adapter = setup
+    engine = make_engine(setup, max_batch_size=4, prefill_chunk_tokens=16)
+    steps = []
+    engine.on_step = steps.append
+    short = GenerationRequest(tok(PROMPTS[1])["input_ids"], 2, SamplingParams(max_new_tokens=12), Collector())
+    assert len(short.prompt_ids) <= 16
+    engine.submit(short)
+    engine.step()  # the short row is running
+    long = GenerationRequest(long_prompt(tok, 80), 8, SamplingParams(max_new_tokens=6), Collector())
+    engine.submit(long)
+    for _ in range(5):
+        engine.step()
+    assert [s.prefill_tokens for s in steps[1:6]] == [16] * 5  # one piece per step, never the whole prompt
+    assert [s.generated[2] for s in steps[1:6]] == [1] * 5  # the running row decoded in every one of them
+    assert [s.generated[8] for s in steps[1:5]] == [0] * 4 and steps[5].generated[8] == 2  # first token + decode
+    while not (short.sink.done.is_set() and long.sink.done.is_set()):
+        engine.step()
+    for r in (short, long):
+        expected, _ = reference(setup, r.prompt_ids, r.rank, r.params.max_new_tokens)
+        assert r.sink.text == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_a_long_prompt_aborted_or_expired_mid_prefill_frees_its_slot(setup):
+    _, tok, _ = setup
+    engine = make_engine(setup, max_batch_size=1, prefill_chunk_tokens=8)
+    aborted = GenerationRequest(long_prompt(tok, 40), 8, SamplingParams(max_new_tokens=4), Collector())
+    engine.submit(aborted)
+    engine.step()
+    engine.step()
+    engine.abort(aborted.id)
+    nxt = GenerationRequest(long_prompt(tok, 24), 4, SamplingParams(max_new_tokens=4), Collector())
+    engine.submit(nxt)
+    engine.step()
+    assert aborted.sink.final.finish_reason == "abort"
+    nxt.deadline = 0.0  # already past
+    engine.step()
+    assert nxt.sink.final.finish_reason == "timeout" and engine.idle()
+
+
+def test_a_long_prompt_the_model_cannot_embed_fails_alone(setup):
+    """A piece that raises (a token id past the embedding table, in the second piece) fails its
+    request; the running row and the engine go on."""
+    _, tok, _ = setup
+    engine = make_engine(setup, max_batch_size=4, prefill_chunk_tokens=8)
+    good = GenerationRequest(tok(PROMPTS[1])["input_ids"], 1, SamplingParams(max_new_tokens=10), Collector())
+    bad = GenerationRequest(long_prompt(tok, 12) + [10**6] + long_prompt(tok, 10), 4,
+                            SamplingParams(max_new_tokens=4), Collector())
+    run_all(engine, [good, bad])
+    assert bad.sink.final.finish_reason == "error" and "IndexError" in bad.sink.final.error
+    expected, _ = reference(setup, good.prompt_ids, 1, 10)
+    assert good.sink.text == tok.decode(expected, skip_special_tokens=True)
+    assert engine.dead is None
