@@ -1,8 +1,11 @@
-"""What the benchmark scripts share: a real server process on 127.0.0.1."""
+"""What the benchmark scripts share: a real server process on 127.0.0.1, prompts, a streamed
+completion timed token by token, the CPU's name."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import platform
 import os
 import socket
 import subprocess
@@ -12,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+
+from trainer.data import GSM8K_PROMPT, demo_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,3 +91,51 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def prompts(n: int) -> list[str]:
+    """The first n GSM8K test questions in the training prompt (demo records without the data)."""
+    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+    rows = [json.loads(line) for line in gsm8k.read_text().splitlines()[:n]] if gsm8k.exists() else demo_records(n)
+    return [GSM8K_PROMPT.format(question=r["question"]) for r in rows]
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed ``/v1/completions`` (greedy, ``ignore_eos``): its TTFT, the gap before each
+    later token (a chunk's gap ÷ the tokens it carries) and its token count."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    t0 = time.perf_counter()
+    first, last, tokens, gaps = None, None, 0, []
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url} {model}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            used = (chunk.get("usage") or {}).get("completion_tokens")
+            if not chunk.get("choices") or used is None or used <= tokens:
+                continue
+            now, n = time.perf_counter(), used - tokens
+            if first is None:
+                first = now
+            else:
+                gaps.extend([(now - last) / n] * n)
+            last, tokens = now, used
+    if tokens != max_tokens:
+        raise RuntimeError(f"{url} {model}: {tokens} tokens streamed, {max_tokens} asked (ignore_eos)")
+    return {"ttft": first - t0, "gaps": gaps, "tokens": tokens}
+
+
+def q(values: list[float], p: float) -> float:
+    """The p-quantile of sorted values (nearest rank)."""
+    return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"

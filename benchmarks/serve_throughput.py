@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -33,20 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import serve  # noqa: E402
+from benchmarks.common import prompts, serve  # noqa: E402
 from trainer.checkpoint import save_adapter  # noqa: E402
-from trainer.data import GSM8K_PROMPT, demo_records  # noqa: E402
 from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
 from trainer.models import load_model  # noqa: E402
-
-
-def prompts(n: int) -> list[str]:
-    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-    if gsm8k.exists():
-        rows = [json.loads(line) for line in gsm8k.read_text().splitlines()[:n]]
-    else:
-        rows = demo_records(n)
-    return [GSM8K_PROMPT.format(question=r["question"]) for r in rows]
 
 
 def generate_rate(model, tok, texts: list[str], new_tokens: int) -> float:

@@ -33,9 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -51,16 +49,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import serve, stop, untrained_adapter  # noqa: E402
-from trainer.data import GSM8K_PROMPT, demo_records  # noqa: E402
+from benchmarks.common import cpu_name, prompts, q, serve, stop, stream_completion, untrained_adapter  # noqa: E402
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
-
-
-def prompts(n: int) -> list[str]:
-    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-    rows = [json.loads(line) for line in gsm8k.read_text().splitlines()[:n]] if gsm8k.exists() else demo_records(n)
-    return [GSM8K_PROMPT.format(question=r["question"]) for r in rows]
 
 
 def free_port() -> int:
@@ -99,32 +90,6 @@ def vllm_server(python: str, model_dir: str, dtype: str, loras: dict[str, Path],
         stop(proc)
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    t0 = time.perf_counter()
-    first, last, tokens, gaps = None, None, 0, []
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url} {model}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            used = (chunk.get("usage") or {}).get("completion_tokens")
-            if not chunk.get("choices") or used is None or used <= tokens:
-                continue
-            now, n = time.perf_counter(), used - tokens
-            if first is None:
-                first = now
-            else:
-                gaps.extend([(now - last) / n] * n)
-            last, tokens = now, used
-    if tokens != max_tokens:
-        raise RuntimeError(f"{url} {model}: {tokens} tokens streamed, {max_tokens} asked (ignore_eos)")
-    return {"ttft": first - t0, "gaps": gaps, "tokens": tokens}
-
-
 async def load(url: str, model: str, texts: list[str], clients: int, max_tokens: int) -> dict:
     """``clients`` concurrent streams until every prompt is answered."""
     queue = list(texts)
@@ -132,7 +97,7 @@ async def load(url: str, model: str, texts: list[str], clients: int, max_tokens:
     async with httpx.AsyncClient(timeout=600) as client:
         async def worker() -> None:
             while queue:
-                results.append(await one_stream(client, url, model, queue.pop(0), max_tokens))
+                results.append(await stream_completion(client, url, model, queue.pop(0), max_tokens))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -141,10 +106,6 @@ async def load(url: str, model: str, texts: list[str], clients: int, max_tokens:
     gaps = sorted(g for r in results for g in r["gaps"])
     return {"tok_s": sum(r["tokens"] for r in results) / wall, "ttft_p50": q(ttft, 0.5), "ttft_p95": q(ttft, 0.95),
             "itl_p50": q(gaps, 0.5), "itl_p95": q(gaps, 0.95)}
-
-
-def q(values: list[float], p: float) -> float:
-    return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
 
 
 def vllm_importable(python: str) -> str | None:
@@ -239,14 +200,6 @@ def main() -> int:
                 r = med[(k, "ours")]["tok_s"] / med[(k, e)]["tok_s"]
                 print(f"goal rank {k}: ours ÷ {e} ≥ {goal}: {r:.2f} {'PASS' if r >= goal else 'MISS'}")
     return 0
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

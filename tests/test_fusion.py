@@ -33,8 +33,13 @@ def test_siblings_are_the_modules_that_read_one_input(tiny_model_dir):
     assert sorted(n for g in groups for n in g) == sorted(adapter.layers)
 
 
-@pytest.mark.parametrize("method", ["matryoshka", "lora", "dylora"])
-def test_fused_model_computes_the_unfused_function_at_every_rank_and_mixed(tiny_model_dir, method):
+@pytest.mark.parametrize("method, b_per_member", [("matryoshka", False), ("lora", False), ("dylora", False),
+                                                 ("matryoshka", True)])
+def test_fused_model_computes_the_unfused_function_at_every_rank_and_mixed(tiny_model_dir, method, b_per_member,
+                                                                          monkeypatch):
+    """Both ways of adding B: one block-diagonal addmm (small n) and one addmm per member."""
+    if b_per_member:
+        monkeypatch.setattr("trainer.fusion.BLOCK_B_WASTE", 0)
     model, _, adapter = trained_adapter(tiny_model_dir, method=method)
     ids = torch.randint(0, model.config.vocab_size, (4, 7))
     want = every_rank(model, adapter, ids)

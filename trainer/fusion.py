@@ -18,6 +18,10 @@ group, and a group is one GEMM plus one ``addmm``::
                                                     row G·j + g holds B_g[:, j]ᵀ in g's columns
              q, k, v = column slices of out
 
+At larger n the zero blocks of ``Bd[:G·n]`` ((G−1)·n·T elements) cost more memory traffic than
+an op saves (decode is memory-bound): past ``BLOCK_B_WASTE`` zeros each member adds its own
+``B_g[:, :n]`` (one ``addmm`` per member, on its column slice of ``y``).
+
 Because A's rows are interleaved by component, the first ``G·n`` rows of ``weight`` and ``Bd``
 are every member's rank-n prefix: rank n reads a contiguous prefix, as unfused. Rank 0
 (``coeffs`` None) is the GEMM of the base rows alone — cheaper than the unfused base model, which
@@ -42,6 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.nested import NestedLoRALinear
+
+
+BLOCK_B_WASTE = 1 << 15  # zeros (elements) the block-diagonal B may read before one addmm per member is cheaper
 
 
 class FusedGroup:
@@ -118,9 +125,13 @@ class FusedGroup:
             else:
                 c = c[:, None]
             h, alpha = (h.unflatten(-1, (n, G)) * c).flatten(-2), 1.0
-        out = torch.addmm(y.reshape(-1, T), h.reshape(-1, G * n), self._block_b()[:G * n],
-                          alpha=alpha).view(*x.shape[:-1], T)
-        return [out[..., sl] for sl in self.slices]
+        if (G - 1) * n * T <= BLOCK_B_WASTE:  # one addmm; its zero blocks cost little at this n
+            out = torch.addmm(y.reshape(-1, T), h.reshape(-1, G * n), self._block_b()[:G * n],
+                              alpha=alpha).view(*x.shape[:-1], T)
+            return [out[..., sl] for sl in self.slices]
+        hs = h.reshape(-1, n, G)  # component j of member g at [:, j, g]
+        return [torch.addmm(y[..., sl].reshape(-1, sl.stop - sl.start), hs[:, :, g], m.lora_Bt[:n], alpha=alpha)
+                .view(*x.shape[:-1], sl.stop - sl.start) for g, (m, sl) in enumerate(zip(self.members, self.slices))]
 
     def _block_b(self) -> torch.Tensor:
         """Bd (G·r, T): row G·j + g = member g's ``lora_Bt[j]`` in g's columns, zeros elsewhere."""

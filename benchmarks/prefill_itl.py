@@ -1,0 +1,118 @@
+"""Does a long prompt stall the rows that are decoding? Inter-token latency with and without them.
+
+One server per ``--prefill-chunk-tokens`` setting (0 = every prompt prefilled whole, in one
+step), started together and measured in turns. Each measurement runs ``--clients`` streaming
+requests (short GSM8K prompts, ``--max-tokens`` each, ``ignore_eos``) to completion and records
+every gap between their streamed tokens (ITL). It does so twice per round:
+
+* ``quiet``  the decoding clients alone;
+* ``long``   the same, while ``--long-tokens``-token prompts arrive (one every ``--long-every-s``,
+             each asking 1 token), as documents to summarise would.
+
+Printed per setting: ITL p50/p95 quiet and long (median over rounds), their ratio, and the long
+prompts' time to first token. Goal (issue "Performance against a real peer engine"): ITL p95
+long ÷ quiet ≤ 2.
+
+    python benchmarks/prefill_itl.py [--chunks 0,256,64] [--rounds 2] | tee benchmarks/prefill_itl.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_name, prompts, q, serve, stream_completion, untrained_adapter  # noqa: E402
+
+
+async def measure(url: str, texts: list[str], long_text: str | None, args) -> dict:
+    async with httpx.AsyncClient(timeout=900) as client:
+        decoding = [asyncio.create_task(stream_completion(client, url, f"mlora@{args.rank}", t, args.max_tokens)) for t in texts]
+        long_ttfts = []
+
+        async def long_arrivals() -> None:
+            while True:
+                await asyncio.sleep(args.long_every_s)
+                long_ttfts.append((await stream_completion(client, url, f"mlora@{args.rank}", long_text, 1))["ttft"])
+
+        arrivals = asyncio.create_task(long_arrivals()) if long_text else None
+        results = await asyncio.gather(*decoding)
+        if arrivals is not None:
+            arrivals.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await arrivals
+    gaps = sorted(g for r in results for g in r["gaps"])
+    return {"p50": q(gaps, 0.5), "p95": q(gaps, 0.95), "long": len(long_ttfts),
+            "long_ttft": statistics.median(long_ttfts) if long_ttfts else float("nan")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--chunks", default="0,256,64", help="--prefill-chunk-tokens settings to compare")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--long-tokens", type=int, default=2048)
+    ap.add_argument("--long-every-s", type=float, default=3.0)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from trainer.models import resolve_model_path
+
+    chunks = [int(c) for c in args.chunks.split(",")]
+    ckpt = untrained_adapter(args.model, Path(tempfile.mkdtemp(prefix="prefill-itl-")) / "nested", r=args.rank)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    texts = prompts(args.clients)
+    filler = " ".join(prompts(200))
+    long_text = tok.decode(tok(filler)["input_ids"][: args.long_tokens])
+    runs: dict[tuple[int, str], list[dict]] = {(c, m): [] for c in chunks for m in ("quiet", "long")}
+    with contextlib.ExitStack() as stack:
+        urls = {c: stack.enter_context(serve(args.model, ckpt, "--prefill-chunk-tokens", str(c),
+                                             "--max-batch-size", str(args.clients + 2), "--controller", "off",
+                                             "--calibrate-steps", "0"))
+                for c in chunks}
+        for c in chunks:  # warm-up, not measured
+            asyncio.run(measure(urls[c], texts[:2], None, argparse.Namespace(**{**vars(args), "max_tokens": 4})))
+        for rnd in range(args.rounds):
+            for c in (chunks if rnd % 2 == 0 else chunks[::-1]):
+                for mode in (("quiet", "long") if rnd % 2 == 0 else ("long", "quiet")):
+                    runs[(c, mode)].append(asyncio.run(measure(urls[c], texts, long_text if mode == "long" else None,
+                                                               args)))
+            print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    print(f"# prefill_itl  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"# cpu {cpu_name()}, {os.cpu_count()} cpus, torch {torch.__version__}, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"# model {args.model}, untrained r={args.rank} adapter, rank {args.rank}; {args.clients} decoding streams × "
+          f"{args.max_tokens} tokens; 'long': a {args.long_tokens}-token prompt every {args.long_every_s:g} s; "
+          f"median of {args.rounds} rounds")
+    print(f"{'chunk':>6} {'ITL p50 quiet':>14} {'p95 quiet':>10} {'p50 long':>9} {'p95 long':>9} {'p95 ÷':>6} "
+          f"{'long prompts':>12} {'their TTFT':>10}")
+    for c in chunks:
+        qu, lo = med[(c, "quiet")], med[(c, "long")]
+        print(f"{c if c else 'whole':>6} {qu['p50'] * 1e3:12.0f}ms {qu['p95'] * 1e3:8.0f}ms {lo['p50'] * 1e3:7.0f}ms "
+              f"{lo['p95'] * 1e3:7.0f}ms {lo['p95'] / qu['p95']:6.2f} {lo['long']:12.0f} {lo['long_ttft']:9.1f}s")
+    for c in chunks:
+        r = med[(c, "long")]["p95"] / med[(c, "quiet")]["p95"]
+        print(f"goal chunk {c}: ITL p95 long ÷ quiet ≤ 2: {r:.2f} {'PASS' if r <= 2 else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
