@@ -6,9 +6,9 @@ so machine noise and position effects hit every variant alike. Measured on the e
 (``server.runner.ModelRunner``: left-padded KV batch, per-row ranks), i.e. the serving path
 without HTTP. Rows:
 
-* ``rank k``                every row at rank k, adapter unmerged (siblings fused, as the server
-                            runs it: ``NestedAdapter.fuse``, one GEMM for q/k/v and one for gate/up)
-* ``rank k (unfused)``      the same, each module its own three ops (``--fuse false``)
+* ``rank k``                every row at rank k, adapter unmerged, siblings fused (server ``--fuse true``:
+                            ``NestedAdapter.fuse``, one GEMM for q/k/v and one for gate/up)
+* ``rank k (unfused)``      the same, each module its own three ops (the server's default)
 * ``mixed``                 rows spread over all ranks (cost should follow the largest rank present)
 * ``merged@k, rank k``      rank k folded into the weights (``--merge-rank auto`` once rank k dominates):
                             costs what the base costs

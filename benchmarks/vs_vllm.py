@@ -66,7 +66,7 @@ def vllm_server(python: str, model_dir: str, dtype: str, loras: dict[str, Path],
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "base",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", "2048",
-           "--max-num-seqs", str(max_seqs), "--disable-log-requests"]
+           "--max-num-seqs", str(max_seqs)]
     if loras:
         cmd += ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(len(loras)),
                 "--lora-modules", *(f"{name}={path}" for name, path in loras.items())]

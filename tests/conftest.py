@@ -101,7 +101,7 @@ def setup(tiny_model_dir):
     with torch.no_grad():
         for layer in adapter.layers.values():
             layer.lora_Bt.normal_(std=0.3)  # strong enough that every rank answers differently
-    adapter.fuse()  # as the server runs it (--fuse true); reference() runs unfused
+    adapter.fuse()  # the fused path (server --fuse true) under the engine tests; reference() runs unfused
     return model, tok, adapter
 
 
