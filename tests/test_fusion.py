@@ -108,3 +108,19 @@ def test_fusion_needs_one_dtype(tiny_model_dir):
     k.to(torch.float64)
     with pytest.raises(ValueError, match="one dtype"):
         FusedGroup([q, k])
+
+
+def test_the_server_fuses_on_request_and_serves_the_same_logits(tiny_model_dir, tiny_checkpoint):
+    """``--fuse true`` fuses the loaded checkpoint after its dtype cast; every rank's logits equal
+    the default (unfused) server's."""
+    from server.app import load_state
+    from server.settings import ServerSettings
+
+    states = {f: load_state(ServerSettings(model=str(tiny_model_dir), adapter=str(tiny_checkpoint), fuse=f,
+                                           calibrate_steps=0)) for f in (False, True)}
+    runners = {f: st.engine.runner for f, st in states.items()}
+    assert not runners[False].adapter.groups and runners[True].adapter.groups
+    prompt = [[5, 9, 12, 7]]
+    for k in [0, *runners[True].adapter.config.ranks]:
+        got = {f: r.prefill(prompt, [k]).logits for f, r in runners.items()}
+        torch.testing.assert_close(got[True], got[False], rtol=0, atol=ATOL)
