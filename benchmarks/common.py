@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import statistics
 import os
 import socket
 import subprocess
@@ -139,3 +140,16 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def medians(runs: dict) -> dict:
+    """{cell: [{metric: value}, …] per round} → {cell: {metric: median over rounds}}."""
+    return {cell: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for cell, rs in runs.items()}
+
+
+def machine_line() -> str:
+    """What a benchmark's figures depend on: the CPU, its vector capability, torch."""
+    import torch
+
+    return (f"# cpu {cpu_name()}, {os.cpu_count()} cpus, torch capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"torch {torch.__version__}")

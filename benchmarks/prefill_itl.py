@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_name, prompts, q, serve, stream_completion, untrained_adapter  # noqa: E402
+from benchmarks.common import machine_line, medians, prompts, q, serve, stream_completion, untrained_adapter  # noqa: E402
 
 
 async def measure(url: str, texts: list[str], long_text: str | None, args) -> dict:
@@ -70,7 +69,6 @@ def main() -> int:
 
     import tempfile
 
-    import torch
     from transformers import AutoTokenizer
 
     from trainer.models import resolve_model_path
@@ -95,10 +93,9 @@ def main() -> int:
                     runs[(c, mode)].append(asyncio.run(measure(urls[c], texts, long_text if mode == "long" else None,
                                                                args)))
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
-    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    med = medians(runs)
     print(f"# prefill_itl  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# cpu {cpu_name()}, {os.cpu_count()} cpus, torch {torch.__version__}, capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(machine_line())
     print(f"# model {args.model}, untrained r={args.rank} adapter, rank {args.rank}; {args.clients} decoding streams × "
           f"{args.max_tokens} tokens; 'long': a {args.long_tokens}-token prompt every {args.long_every_s:g} s; "
           f"median of {args.rounds} rounds")

@@ -36,7 +36,6 @@ import datetime
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_name, prompts, q, serve, stop, stream_completion, untrained_adapter  # noqa: E402
+from benchmarks.common import machine_line, medians, prompts, q, serve, stop, stream_completion, untrained_adapter  # noqa: E402
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 
@@ -180,10 +179,9 @@ def main() -> int:
                     runs[(k, e)].append(asyncio.run(load(urls[e], name(e, k), texts, args.clients, args.max_tokens)))
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
 
-    med = {c: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for c, rs in runs.items()}
+    med = medians(runs)
     print(f"# vs_vllm  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# cpu {cpu_name()}, {os.cpu_count()} cpus, torch capability {torch.backends.cpu.get_cpu_capability()}; "
-          f"torch {torch.__version__}; vLLM {version} ({args.vllm_python})")
+    print(f"{machine_line()}; vLLM {version} ({args.vllm_python})")
     print(f"# model {args.model}, dtype {dtype} (both), adapter {'untrained r=' + str(max(ranks)) if not args.adapter else ckpt}"
           f"; {args.clients} clients, {len(texts)} GSM8K prompts × {args.max_tokens} tokens (ignore_eos), "
           f"/v1/completions streamed; median of {args.rounds} interleaved rounds")

@@ -121,6 +121,7 @@ class NestedAdapter:
         self._coeffs = _coeff_tensors(config)
         self._pristine: dict[str, torch.Tensor] | None = None  # base weights before any remerge()
         self.groups: list = []  # trainer.fusion.FusedGroup, once fuse() ran (serving only)
+        self._group_names: list[list[str]] = []  # the same groups, by module name
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -261,7 +262,7 @@ class NestedAdapter:
         from trainer.fusion import FusedGroup, sibling_groups
 
         if self.groups:
-            return [[self._name(m) for m in g.members] for g in self.groups]
+            return self._group_names
         ids = torch.full((2, 3), probe_token, dtype=torch.long, device=self.device)
         saved = (self.state.coeffs, self.state.uniform)
         self.set_rank(self.config.r)
@@ -269,6 +270,7 @@ class NestedAdapter:
         self.set_row_ranks([self.config.r, self.config.ranks[0]])
         before = self.model(input_ids=ids, use_cache=False).logits.float()
         self.groups = [FusedGroup([self.layers[n] for n in group]) for group in names]
+        self._group_names = names
         after = self.model(input_ids=ids, use_cache=False).logits.float()
         self.state.coeffs, self.state.uniform = saved
         tol = (1e-4 if self.dtype == torch.float32 else 3e-2) * (1 + float(before.abs().max()))
@@ -282,10 +284,7 @@ class NestedAdapter:
         """Undo :meth:`fuse`: every module gets its own tensors again (merges are kept)."""
         for g in self.groups:
             g.unfuse()
-        self.groups = []
-
-    def _name(self, layer: NestedLoRALinear) -> str:
-        return next(n for n, l in self.layers.items() if l is layer)
+        self.groups, self._group_names = [], []
 
     def merge_and_unload(self, k: int) -> nn.Module:
         """A plain model with the rank-k adapter merged in and the wrappers removed."""
