@@ -6,13 +6,19 @@ so machine noise and position effects hit every variant alike. Measured on the e
 (``server.runner.ModelRunner``: left-padded KV batch, per-row ranks), i.e. the serving path
 without HTTP. Rows:
 
-* ``rank k``                every row at rank k, adapter unmerged, siblings fused (server ``--fuse true``:
-                            ``NestedAdapter.fuse``, one GEMM for q/k/v and one for gate/up)
-* ``rank k (unfused)``      the same, each module its own three ops (the server's default)
+* ``rank k``                every row at rank k, adapter unmerged, each module its own ops (the server's
+                            default)
+* ``rank k (fused)``        the same, siblings fused (server ``--fuse true``: ``NestedAdapter.fuse``, one
+                            GEMM for q/k/v and their A, one for gate/up)
 * ``mixed``                 rows spread over all ranks (cost should follow the largest rank present)
 * ``merged@k, rank k``      rank k folded into the weights (``--merge-rank auto`` once rank k dominates):
                             costs what the base costs
 * ``merged@64, rank 8|mixed``  rows at other ranks pay for their difference c_k − c_64
+
+Every variant runs with the server's ``--small-gemm`` choice (``auto``: decode-sized linears
+weight-major where a cached probe measures it faster, :mod:`trainer.kernels`); ``--small-gemm
+both`` adds each variant computed the standard way (``… [F.linear]``). Ratios divide by rank 0 of
+the same path (fused by fused, standard-layout by standard-layout).
 
 Goals (issue "an adapter whose cost follows its rank"): unmerged rank 1 ≥ 0.97 of rank 0; rank r
 at the memory-bandwidth floor (a decode step reads every weight once, so rank r can be no faster
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import random
 import re
 import statistics
@@ -39,8 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_line  # noqa: E402
 from server.runner import ModelRunner  # noqa: E402
 from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
+from trainer.kernels import resolve_small_gemm, use_small_gemm  # noqa: E402
 from trainer.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 
 PROMPT = "Question: Ada has 12 apples and gets 7 more. How many apples does she have now?\nAnswer: "
@@ -74,6 +81,7 @@ def main() -> None:
     ap.add_argument("--only", help="regex: measure only the variants whose name matches (rank 0 always)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--small-gemm", default="auto", choices=["auto", "on", "off", "both"])
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -91,27 +99,33 @@ def main() -> None:
     R = adapter.config.ranks
     top = R[-1]
     mixed = [[0, *R][i % (len(R) + 1)] for i in range(args.batch)]
-    # name → (row ranks, merged rank or None)
-    # name → (row ranks, merged rank or None, fused)
-    variants: dict[str, tuple[list[int], int | None, bool]] = {
-        f"rank {k}": ([k] * args.batch, None, True) for k in [0, *R]}
-    variants["mixed (all ranks)"] = (mixed, None, True)
+    rows = resolve_small_gemm("on" if args.small_gemm == "both" else args.small_gemm, device, dtype)
+    # name → (row ranks, merged rank or None, fused, small-GEMM rows)
+    plain: dict[str, tuple[list[int], int | None, bool]] = {
+        f"rank {k}": ([k] * args.batch, None, False) for k in [0, *R]}
+    plain["mixed (all ranks)"] = (mixed, None, False)
     for k in R:
-        variants[f"merged@{k}, rank {k}"] = ([k] * args.batch, k, True)
-    variants[f"merged@{top}, rank 8"] = ([8] * args.batch, top, True)
-    variants[f"merged@{top}, mixed"] = (mixed, top, True)
+        plain[f"merged@{k}, rank {k}"] = ([k] * args.batch, k, False)
+    plain[f"merged@{top}, rank 8"] = ([8] * args.batch, top, False)
+    plain[f"merged@{top}, mixed"] = (mixed, top, False)
     for k in (0, 1, top):
-        variants[f"rank {k} (unfused)"] = ([k] * args.batch, None, False)
+        plain[f"rank {k} (fused)"] = ([k] * args.batch, None, True)
+    plain["mixed (all ranks) (fused)"] = (mixed, None, True)
+    variants = {name: (*v, rows) for name, v in plain.items()}
+    if args.small_gemm == "both":
+        variants |= {f"{name} [F.linear]": (*v, 0) for name, v in plain.items()}
 
     if args.only:
-        variants = {n: v for n, v in variants.items() if n == "rank 0" or re.search(args.only, n)}
+        variants = {n: v for n, v in variants.items() if re.match(r"rank 0( \(fused\))?( \[F.linear\])?$", n)
+                    or re.search(args.only, n)}
     times: dict[str, list[float]] = {name: [] for name in variants}
     remerge_s = []
     for rep in range(args.reps + 1):  # the first round warms up and is dropped
         order = list(variants.items())
         random.Random(rep).shuffle(order)
-        for name, (ranks, merged, fused) in order:
+        for name, (ranks, merged, fused, small_rows) in order:
             adapter.fuse() if fused else adapter.unfuse()
+            use_small_gemm(model, small_rows)
             t0 = time.perf_counter()
             runner.remerge(0 if merged is None else merged)  # 0: the plain base weights (unmerged)
             remerge_s.append(time.perf_counter() - t0)
@@ -124,16 +138,24 @@ def main() -> None:
 
     med = {name: statistics.median(v) for name, v in times.items()}
     best = {name: max(v) for name, v in times.items()}  # least disturbed by other load on the machine
-    base, base_best = med["rank 0"], best["rank 0"]
+
+    def base_of(name: str) -> str:  # rank 0 of the same path
+        return "rank 0" + " (fused)" * ("(fused)" in name) + " [F.linear]" * ("[F.linear]" in name)
+
     print(f"# decode_ranks  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}")
+    print(machine_line())
+    print(f"# device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
     print(f"# model {args.model}, adapter r={args.rank} on {len(adapter.layers)} modules, batch {args.batch}, "
-          f"{args.steps} decode steps, {args.reps} interleaved reps")
+          f"{args.steps} decode steps, {args.reps} interleaved reps; small-GEMM {args.small_gemm}: "
+          + (f"weight-major up to {rows} rows" if rows else "off"))
     print("# 'rank 0' and 'merged@k, rank k' run the same computation (base-model cost): their gap is noise")
-    print(f"{'variant':<28} {'best tok/s':>10} {'÷ rank 0':>9} {'median':>8} {'÷ rank 0':>9}")
+    print(f"{'variant':<38} {'best tok/s':>10} {'÷ rank 0':>9} {'median':>8} {'÷ rank 0':>9}")
     for name, v in med.items():
-        print(f"{name:<28} {best[name]:10.1f} {best[name] / base_best:9.3f} {v:8.1f} {v / base:9.3f}")
+        b = base_of(name)
+        print(f"{name:<38} {best[name]:10.1f} {best[name] / best[b]:9.3f} {v:8.1f} {v / med[b]:9.3f}")
+    if args.small_gemm == "both":
+        print("# weight-major ÷ standard (best): " + ", ".join(
+            f"{n} {best[n] / best[n + ' [F.linear]']:.2f}" for n in plain if n in best))
     print(f"# one re-merge (rebuild W0 + dW_k in {len(adapter.layers)} layers) took "
           f"{statistics.median(remerge_s[len(variants):]):.3f} s (median)")
     base_w = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -145,10 +167,11 @@ def main() -> None:
 
     def goal(name: str, target: float, what: str) -> None:
         if name in med:
-            ratio = best[name] / base_best
+            ratio = best[name] / best[base_of(name)]
             print(f"goal {name} ≥ {target:.3f} ({what}): {ratio:.3f} {'PASS' if ratio >= target else 'MISS'}")
 
     goal("rank 1", 0.97, "unmerged rank 1")
+    goal("rank 1 (fused)", 0.97, "unmerged rank 1, fused")
     goal(f"rank {top}", 0.97 * floors[top], f"97% of the floor {floors[top]:.3f}")
     for k in R:
         goal(f"merged@{k}, rank {k}", 0.98, "merged")

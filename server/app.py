@@ -66,14 +66,15 @@ class AppState:
 
 def load_state(settings: ServerSettings) -> AppState:
     """The composition root, in named steps (blocking; seconds): model → adapter (in the model's
-    dtype) → merge policy → metrics → runner → calibration → controller → engine → serving."""
+    dtype) → kernels → merge policy → metrics → runner → calibration → controller → engine → serving."""
     model, tok, device = _setup_model(settings)
     adapter, meta = _setup_adapter(settings, model)
+    small_gemm_rows = _setup_kernels(settings, model, device)
     ranks = adapter.config.ranks if adapter else []
     auto_merge = _setup_merge(settings, adapter, ranks)
     metrics = _setup_metrics(settings, adapter, meta, ranks)
     runner = ModelRunner(model, adapter, tok.pad_token_id)
-    throughput = _setup_calibration(settings, runner, tok, meta, device, ranks, auto_merge)
+    throughput = _setup_calibration(settings, runner, tok, meta, device, ranks, auto_merge, small_gemm_rows)
     controller = _setup_controller(settings, metrics, throughput, ranks, auto_merge)
     context = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", tok.model_max_length))
     engine = _setup_engine(settings, runner, tok, context, ranks, controller, metrics, auto_merge)
@@ -107,6 +108,18 @@ def _setup_adapter(settings: ServerSettings, model):
     return adapter, meta
 
 
+def _setup_kernels(settings: ServerSettings, model, device) -> int:
+    """Decode-shaped GEMMs weight-major where measured faster (:mod:`trainer.kernels`); after the
+    adapter, whose modules it switches too. Returns the row limit (0: off)."""
+    from trainer.kernels import resolve_small_gemm, use_small_gemm
+
+    rows = resolve_small_gemm(settings.small_gemm, device, model.dtype)
+    n = use_small_gemm(model, rows)
+    log.info("small-GEMM %s (%s)", f"weight-major up to {rows} rows in {n} linears" if rows else "off",
+             settings.small_gemm)
+    return rows
+
+
 def _setup_merge(settings: ServerSettings, adapter, ranks: list[int]) -> AutoMerge | None:
     """``--merge-rank N`` folds rank N in once; ``auto`` starts with the rank ``auto`` requests
     get first (the top) and returns the policy that re-merges as the traffic shifts."""
@@ -131,14 +144,14 @@ def _setup_metrics(settings: ServerSettings, adapter, meta: dict, ranks: list[in
 
 
 def _setup_calibration(settings: ServerSettings, runner: ModelRunner, tok, meta: dict, device, ranks: list[int],
-                       auto_merge: AutoMerge | None) -> dict[int, float]:
+                       auto_merge: AutoMerge | None, small_gemm_rows: int) -> dict[int, float]:
     from trainer.models import cache_dir
 
     if runner.adapter is None or settings.calibrate_steps <= 0:
         return {}
     prompt = tok("Question: how many apples are left?\nAnswer: ")["input_ids"]
     throughput = calibrate(runner, prompt, [0, *ranks], settings.max_batch_size, settings.calibrate_steps,
-                           cache_dir(), cache_key(settings, meta, device, runner.model.dtype),
+                           cache_dir(), cache_key(settings, meta, device, runner.model.dtype, small_gemm_rows),
                            same_cost=auto_merge is not None)
     log.info("measured decode tokens/s per rank at batch %d: %s", settings.max_batch_size, throughput)
     return throughput

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainer.kernels import SMALL_GEMM_HELP, SmallGemm
 from trainer.models import DTYPE_HELP
 
 
@@ -41,6 +42,7 @@ class ServerSettings(BaseSettings):
                        "as one GEMM with their adapters' A, and their B as one addmm (exact; 4 GEMMs + 4 addmms "
                        "per layer instead of 21 ops). Measured 0.90x slower on an AVX2 CPU, so off by default; "
                        "for launch-bound devices (GPUs)")
+    small_gemm: SmallGemm = Field("auto", description=SMALL_GEMM_HELP)
     merge_dwell_s: float = Field(2.0, ge=0, description="auto merge: how long a rank must lead the traffic "
                                  "before it is merged (and min seconds between re-merges)")
     controller: Literal["threshold", "slo", "off"] = Field(

@@ -42,9 +42,9 @@ fused model computes what the unfused one did on the probe before keeping it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from trainer.kernels import linear
 from trainer.nested import NestedLoRALinear
 
 
@@ -111,12 +111,13 @@ class FusedGroup:
         self._check_views()
         state = self.members[0].state
         c, T, G = state.coeffs, self.T, len(self.members)
+        small = self.members[0].small_gemm_rows
         if c is None:  # every adapter off: the base rows alone
-            z = F.linear(x, self.weight[:T], None if self.bias is None else self.bias[:T])  # (..., T)
+            z = linear(x, self.weight[:T], None if self.bias is None else self.bias[:T], small)  # (..., T)
             return [z[..., sl] for sl in self.slices]
         n = c.shape[-1]
         rows = T + G * n
-        z = F.linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows])  # (..., T + G n)
+        z = linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows], small)  # (..., T + G n)
         y, h = z[..., :T], z[..., T:]  # (..., T), (..., G n)
         alpha = state.uniform
         if alpha is None:  # c_j scales component j of every member: (..., n, G) ⊙ (n, 1)

@@ -86,26 +86,38 @@ def cpu_bf16_speedup(cache: Path | None = None) -> float:
     flags = cpu_bf16_flags()
     if not flags:
         return 0.0
-    model = next((line.split(":", 1)[1].strip() for line in CPUINFO.read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
-    key = f"{model}|{sorted(flags)}|torch {torch.__version__}|{torch.get_num_threads()} threads"
-    path = (cache or cache_dir()) / "bf16-probe.json"
+    key = f"{cpu_model_name()}|{sorted(flags)}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    return cached_probe("bf16-probe.json", key, lambda: _time_matmul(torch.float32) / _time_matmul(torch.bfloat16),
+                        cache)
+
+
+def cpu_model_name() -> str:
+    try:
+        return next((line.split(":", 1)[1].strip() for line in CPUINFO.read_text().splitlines()
+                     if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def cached_probe(filename: str, key: str, measure, cache: Path | None = None) -> float:
+    """``measure()``, once per ``key``: kept in the JSON file ``filename`` under ``cache`` (default
+    :func:`cache_dir`), written atomically; a read-only cache only costs the measurement next time."""
+    path = (cache or cache_dir()) / filename
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if key in known:
         return float(known[key])
-    speedup = _time_matmul(torch.float32) / _time_matmul(torch.bfloat16)
-    known[key] = round(speedup, 3)
+    value = known[key] = round(measure(), 3)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(known, indent=1))
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only cache only costs the measurement next time
-    return speedup
+        pass
+    return value
 
 
 def _time_matmul(dtype: torch.dtype, reps: int = 30) -> float:

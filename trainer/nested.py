@@ -49,8 +49,9 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from trainer.kernels import linear
 
 Scaling = Literal["none", "rank", "sqrt"]
 Method = Literal["lora", "dylora", "matryoshka", "svd"]
@@ -217,6 +218,7 @@ class NestedLoRALinear(nn.Module):
         self.merged_rank: int | None = None
         self._merged_c: torch.Tensor | None = None  # the coefficients merge() folded into W
         self.group = None  # a trainer.fusion.FusedGroup once fused for serving: it computes this output
+        self.small_gemm_rows = 0  # calls of at most this many rows compute A x weight-major (trainer.kernels)
         self.reset_parameters(a_init)
 
     def reset_parameters(self, a_init: str = "peft") -> None:
@@ -239,7 +241,7 @@ class NestedLoRALinear(nn.Module):
         n = c.shape[-1]
         # the full tensors when n = r: a slice would make backward zero-fill and copy a full gradient
         A, Bt = (self.lora_A, self.lora_Bt) if n == self.r else (self.lora_A[:n], self.lora_Bt[:n])
-        h = F.linear(x.to(A.dtype), A)  # (..., n)
+        h = linear(x.to(A.dtype), A, max_rows=self.small_gemm_rows)  # (..., n)
         alpha = self.state.uniform
         if alpha is None:  # scale the small (..., n) intermediate, not the (..., out) output
             if c.dim() == 2:  # one coefficient row per batch row: (rows, n) -> (rows, 1.., n)

@@ -1,0 +1,111 @@
+"""Weight-major decode GEMMs (trainer.kernels): the same function as F.linear, switched per model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import logits, trained_adapter
+from trainer import kernels
+from trainer.kernels import MAX_ROWS, SmallGemmLinear, linear, resolve_small_gemm, use_small_gemm
+
+ATOL = 1e-5  # fp32: W·xᵀ sums the same products as x·Wᵀ, in another blocking order
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (8, 24), (2, 3, 24), (4, 1, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_major_linear_is_f_linear(shape, bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    w, b = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen) if bias else None
+    y = linear(x, w, b, max_rows=MAX_ROWS)
+    assert y.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=ATOL)
+
+
+def test_more_rows_than_the_limit_take_f_linear_exactly():
+    x, w = torch.randn(9, 16), torch.randn(32, 16)
+    assert torch.equal(linear(x, w, max_rows=8), F.linear(x, w))
+    assert torch.equal(linear(x, w, max_rows=0), F.linear(x, w))
+    assert linear(torch.randn(0, 16), w, max_rows=8).shape == (0, 32)
+
+
+def test_gradients_flow_through_the_weight_major_path():
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    linear(x, w, max_rows=8).square().sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    F.linear(x, w).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=0, atol=1e-4)
+    torch.testing.assert_close(gw, w.grad, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_switched_model_computes_the_same_logits_at_every_rank(tiny_model_dir, fused):
+    model, _, adapter = trained_adapter(tiny_model_dir)
+    if fused:
+        adapter.fuse()
+    decode = torch.tensor([[5], [9], [11]])  # three rows, one token each: a decode-shaped call
+    prompt = torch.tensor([[5, 9, 11, 17, 23, 42]])
+    before = {}
+    for k in [0, *adapter.config.ranks]:
+        adapter.set_rank(k)
+        before[k] = (logits(model, decode), logits(model, prompt))
+    adapter.set_row_ranks([8, 0, 2])
+    before["mixed"] = (logits(model, decode),)
+    keys = set(model.state_dict())
+    n = use_small_gemm(model)
+    assert n == 2 * 7 + 1  # every base linear of 2 decoder layers, and lm_head
+    assert keys == set(model.state_dict())  # the same parameters under the same names
+    for k in [0, *adapter.config.ranks]:
+        adapter.set_rank(k)
+        after = (logits(model, decode), logits(model, prompt))
+        for a, b in zip(before[k], after):
+            torch.testing.assert_close(b, a, rtol=0, atol=ATOL, msg=lambda m: f"rank {k}: {m}")
+    adapter.set_row_ranks([8, 0, 2])
+    torch.testing.assert_close(logits(model, decode), before["mixed"][0], rtol=0, atol=ATOL)
+
+
+def test_switching_off_restores_plain_linears(tiny_model_dir):
+    model, _, adapter = trained_adapter(tiny_model_dir)
+    use_small_gemm(model)
+    assert type(model.lm_head) is SmallGemmLinear and model.lm_head.small_gemm_rows == MAX_ROWS
+    assert all(layer.small_gemm_rows == MAX_ROWS for layer in adapter.layers.values())
+    use_small_gemm(model, 0)
+    assert not any(isinstance(m, SmallGemmLinear) for m in model.modules())
+    assert type(model.lm_head) is nn.Linear and "small_gemm_rows" not in model.lm_head.__dict__
+    assert all(layer.small_gemm_rows == 0 for layer in adapter.layers.values())
+
+
+def test_modes_resolve_without_probing_where_the_answer_is_known(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "_time_gemms", lambda *a, **k: pytest.fail("probed"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_small_gemm("on", cpu, torch.float32, tmp_path) == MAX_ROWS
+    assert resolve_small_gemm("off", cpu, torch.float32, tmp_path) == 0
+    assert resolve_small_gemm("auto", cuda, torch.bfloat16, tmp_path) == 0  # cuBLAS needs no help
+    with pytest.raises(ValueError, match="auto, on or off; got 'fast'"):
+        resolve_small_gemm("fast", cpu, torch.float32, tmp_path)
+
+
+def test_the_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(dtype, max_rows, reps=3):
+        calls.append(max_rows)
+        return 2.0 if max_rows == 0 else 1.0  # standard twice as slow
+    monkeypatch.setattr(kernels, "_time_gemms", fake)
+    cpu = torch.device("cpu")
+    assert resolve_small_gemm("auto", cpu, torch.float32, tmp_path) == MAX_ROWS
+    assert resolve_small_gemm("auto", cpu, torch.float32, tmp_path) == MAX_ROWS
+    assert calls == [0, MAX_ROWS]  # the second answer came from the cache
+    cached = json.loads((tmp_path / "small-gemm-probe.json").read_text())
+    assert list(cached.values()) == [2.0]
+    key = next(iter(cached))
+    cached[key] = 1.0  # a CPU where it does not pay: kept standard
+    (tmp_path / "small-gemm-probe.json").write_text(json.dumps(cached))
+    assert resolve_small_gemm("auto", cpu, torch.float32, tmp_path) == 0
