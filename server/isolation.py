@@ -3,9 +3,9 @@
 When a batched prefill or decode raises, the engine does not know which row caused it. It
 retries the rows one at a time: a row that fails alone is the culprit and fails with its error;
 the others are joined back into one batch and go on. Retrying a decode needs the batch as it
-was before the failed forward, and that is free: a forward *replaces* the cache's tensors
-(``DynamicLayer.update`` concatenates into a new tensor) and the runner's mask and positions,
-it never writes into them, so references taken before the step are a snapshot.
+was before the failed forward, and that is free: a forward writes the cache's new column past
+the end of every view handed out (``server.kvcache.RoomLayer``), never into one, and replaces the
+runner's mask and positions, so references taken before the step are a snapshot.
 
 If every row fails alone, the fault may be the model's rather than the requests': a one-token
 probe at rank 0 decides. If the probe fails too the model is unusable (a lost device, weights
@@ -20,8 +20,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
 
+from server.kvcache import RoomLayer, room_cache
 from server.runner import Batch, ModelRunner, PartialPrefill, Prefilled
 
 log = logging.getLogger(__name__)
@@ -146,5 +146,5 @@ def _snapshot(b: Batch) -> _Snapshot | None:
 
 def _row(s: _Snapshot, i: int) -> Batch:
     """Row ``i`` of the snapshot as a batch of one (its own copy of that row's cache)."""
-    layers = [(k[i:i + 1], v[i:i + 1]) for k, v in s.layers]  # (1, H, L, D)
-    return Batch(DynamicCache(layers), s.mask[i:i + 1], s.positions[i:i + 1], [s.ranks[i]])
+    layers = [RoomLayer.adopt(k[i:i + 1], v[i:i + 1]) for k, v in s.layers]  # (1, H, L, D); copied on update
+    return Batch(room_cache(layers), s.mask[i:i + 1], s.positions[i:i + 1], [s.ranks[i]])

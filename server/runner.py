@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
+from server.kvcache import fork, room_cache, select_rows, stack_left
 from server.sampling import TokenLogprob
 from trainer.inject import NestedAdapter
 
@@ -52,7 +53,7 @@ class PartialPrefill:
     prompt: list[int]
     rank: int
     prompt_logprobs: int | None = None
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    cache: DynamicCache = field(default_factory=room_cache)
     done: int = 0
     hidden: list[torch.Tensor] = field(default_factory=list)  # each piece's hidden states, when scoring
 
@@ -121,7 +122,7 @@ class ModelRunner:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, Lp)
-        cache = DynamicCache()
+        cache = room_cache()
         if not prompt_logprobs or all(n is None for n in prompt_logprobs):
             logits = self._forward(ids, mask, positions, cache, ranks)
             return Prefilled(cache, mask, positions[:, -1] + 1, list(ranks), logits)
@@ -149,7 +150,7 @@ class ModelRunner:
         ids = torch.tensor([part.prompt[a:b]], dtype=torch.long, device=self.device)  # (1, n)
         mask = torch.ones((1, b), dtype=torch.long, device=self.device)  # (1, done + n)
         positions = torch.arange(a, b, device=self.device).unsqueeze(0)  # (1, n)
-        cache = DynamicCache([(l.keys, l.values) for l in part.cache.layers]) if a else DynamicCache()
+        cache = fork(part.cache) if a else room_cache()  # appends past part.cache's end: part keeps its view
         hook = None
         if part.prompt_logprobs is not None:
             captured = {}
@@ -199,13 +200,8 @@ class ModelRunner:
             self.batch = Batch(new.cache, new.mask, new.positions, list(new.ranks))
             return
         width = max(b.mask.shape[1], new.mask.shape[1])
-        layers = []
-        for old_l, new_l in zip(b.cache.layers, new.cache.layers):
-            k = torch.cat([_pad_left(old_l.keys, width), _pad_left(new_l.keys, width)])
-            v = torch.cat([_pad_left(old_l.values, width), _pad_left(new_l.values, width)])
-            layers.append((k, v))
-        mask = torch.cat([_pad_left(b.mask, width, dim=1), _pad_left(new.mask, width, dim=1)])
-        self.batch = Batch(DynamicCache(layers), mask, torch.cat([b.positions, new.positions]),
+        mask = torch.cat([_pad_left(b.mask, width), _pad_left(new.mask, width)])
+        self.batch = Batch(stack_left([b.cache, new.cache], width), mask, torch.cat([b.positions, new.positions]),
                            b.ranks + new.ranks)
 
     @torch.inference_mode()
@@ -228,15 +224,14 @@ class ModelRunner:
         idx = torch.tensor(keep, device=self.device)
         mask = b.mask[idx]
         start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row still uses
-        layers = [(l.keys[idx, :, start:], l.values[idx, :, start:]) for l in b.cache.layers]
-        self.batch = Batch(DynamicCache(layers), mask[:, start:], b.positions[idx], [b.ranks[i] for i in keep])
+        self.batch = Batch(select_rows(b.cache, idx, start), mask[:, start:], b.positions[idx], [b.ranks[i] for i in keep])
 
     def reset(self) -> None:
         self.batch = Batch()
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Zero-pad ``t`` on the left of ``dim`` to ``width`` (KV: (B, H, L, D) → dim 2; mask: dim 1)."""
+def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """Zero-pad ``t`` on the left of ``dim`` to ``width`` (the mask (B, L): dim 1)."""
     missing = width - t.shape[dim]
     if missing == 0:
         return t

@@ -1,0 +1,124 @@
+"""The running batch's KV cache: new columns written in place, into room kept past the end.
+
+transformers' ``DynamicLayer`` concatenates on every update, so each decode step copies every
+layer's whole K and V (B·H·L·D each) to add one column — for SmolLM2 (30 layers, 3 KV heads of
+64) 46 KB per cached token, e.g. 147 MB per step at 16 rows × 200 tokens, as much traffic as a
+third of the weights. A :class:`RoomLayer` holds a buffer with ``ROOM`` spare columns::
+
+    buffer (B, H, L + room, D):  [ k₀ k₁ … k_{L-1} │ free … free ]
+    keys = buffer[:, :, :L]      a view; update(k_L) writes column L in place, keys = buffer[:, :, :L+1]
+
+and reallocates (one copy) only when the room runs out, ``ROOM`` columns at a time.
+
+Snapshots stay valid: an update only writes *past* the end of every view handed out, never into
+one, so ``(layer.keys, layer.values)`` taken before a forward still hold the cache as it was
+(server.isolation retries a failed decode from such a snapshot), and :func:`fork` can give a
+chunked prefill's next piece a cache that shares the buffer without copying it. Of two forks
+that share a buffer only one may go on appending; the engine keeps exactly one.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+ROOM = 64  # spare columns per (re)allocation: one copy of the cache every ROOM decode steps
+
+
+class RoomLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into spare room instead of concatenating."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kbuf: torch.Tensor | None = None  # (B, H, capacity, D); keys is [:, :, :L] of it
+        self._vbuf: torch.Tensor | None = None
+
+    @classmethod
+    def adopt(cls, keys: torch.Tensor, values: torch.Tensor, kbuf: torch.Tensor | None = None,
+              vbuf: torch.Tensor | None = None) -> "RoomLayer":
+        """A layer holding ``keys``/``values`` (B, H, L, D); ``kbuf``/``vbuf``, when given, are
+        the buffers they are the first L columns of (room past L is used by the next update)."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        layer._kbuf, layer._vbuf = kbuf, vbuf
+        return layer
+
+    def _has_room(self, n: int) -> bool:
+        """Whether ``keys``/``values`` are still the leading columns of our buffers, with n free after."""
+        k, buf = self.keys, self._kbuf
+        return (buf is not None and k.dim() == 4 and k.data_ptr() == buf.data_ptr()
+                and k.stride() == buf.stride() and k.shape[:2] == buf.shape[:2] and k.shape[3] == buf.shape[3]
+                and self.values.data_ptr() == self._vbuf.data_ptr() and k.shape[2] + n <= buf.shape[2])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        L, n = self.get_seq_length(), key_states.shape[-2]
+        if not self._has_room(n):
+            b, h, _, d = key_states.shape
+            self._kbuf = key_states.new_empty(b, h, L + n + ROOM, d)
+            self._vbuf = value_states.new_empty(b, h, L + n + ROOM, value_states.shape[-1])
+            if L:
+                self._kbuf[:, :, :L].copy_(self.keys)
+                self._vbuf[:, :, :L].copy_(self.values)
+        self._kbuf[:, :, L:L + n].copy_(key_states)
+        self._vbuf[:, :, L:L + n].copy_(value_states)
+        self.keys, self.values = self._kbuf[:, :, :L + n], self._vbuf[:, :, :L + n]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._kbuf = self._vbuf = None
+
+
+def room_cache(layers: list[RoomLayer] | None = None) -> DynamicCache:
+    """A cache of :class:`RoomLayer` (empty: layers are made as the model's layers first update)."""
+    cache = DynamicCache.__new__(DynamicCache)
+    Cache.__init__(cache, layer_class_to_replicate=RoomLayer)
+    cache.layers = list(layers or [])
+    return cache
+
+
+def fork(cache: DynamicCache) -> DynamicCache:
+    """A new cache with the same contents, sharing the buffers (no copy): appending to it leaves
+    ``cache`` as it is. Only one of the two may append afterwards."""
+    return room_cache([RoomLayer.adopt(l.keys, l.values, getattr(l, "_kbuf", None), getattr(l, "_vbuf", None))
+                       for l in cache.layers])
+
+
+def stack_left(parts: list[DynamicCache], width: int) -> DynamicCache:
+    """The rows of ``parts`` in one cache, each right-aligned to ``width`` columns (zeros on the
+    left: left padding), written once into a buffer with ``ROOM`` columns to spare."""
+    layers = []
+    for per_part in zip(*(p.layers for p in parts)):
+        kv = []
+        for side in ("keys", "values"):
+            ts = [getattr(l, side) for l in per_part]
+            b = sum(t.shape[0] for t in ts)
+            first = ts[0]
+            buf = first.new_empty(b, first.shape[1], width + ROOM, first.shape[3])
+            row = 0
+            for t in ts:
+                pad = width - t.shape[2]
+                buf[row:row + t.shape[0], :, :pad].zero_()
+                buf[row:row + t.shape[0], :, pad:width].copy_(t)
+                row += t.shape[0]
+            kv.append(buf)
+        layers.append(RoomLayer.adopt(kv[0][:, :, :width], kv[1][:, :, :width], kv[0], kv[1]))
+    return room_cache(layers)
+
+
+def select_rows(cache: DynamicCache, idx: torch.Tensor, start: int) -> DynamicCache:
+    """Rows ``idx`` and columns ``start:`` of ``cache``, copied once into a buffer with room."""
+    layers = []
+    for l in cache.layers:
+        kv = []
+        for t in (l.keys, l.values):
+            src = t[:, :, start:]
+            buf = t.new_empty(len(idx), t.shape[1], src.shape[2] + ROOM, t.shape[3])
+            torch.index_select(src, 0, idx, out=buf[:, :, :src.shape[2]])
+            kv.append(buf)
+        width = kv[0].shape[2] - ROOM
+        layers.append(RoomLayer.adopt(kv[0][:, :, :width], kv[1][:, :, :width], kv[0], kv[1]))
+    return room_cache(layers)
