@@ -1,7 +1,8 @@
 """Does a long prompt stall the rows that are decoding? Inter-token latency with and without them.
 
-One server per ``--prefill-chunk-tokens`` setting (0 = every prompt prefilled whole, in one
-step), started together and measured in turns. Each measurement runs ``--clients`` streaming
+One server per variant (``--variants``: name=server flags; by default whole-prompt prefill,
+pieces of a fixed 256 tokens, and the default: pieces of at most 256 tokens sized to add 0.8 of
+a decode step), started together and measured in turns. Each measurement runs ``--clients`` streaming
 requests (short GSM8K prompts, ``--max-tokens`` each, ``ignore_eos``) to completion and records
 every gap between their streamed tokens (ITL). It does so twice per round:
 
@@ -14,7 +15,7 @@ while long prompts arrive (the stall a whole-prompt prefill causes shows there, 
 the long prompts' time to first token. Goal (issue "Performance against a real peer engine"): ITL p95
 long ÷ quiet ≤ 2.
 
-    python benchmarks/prefill_itl.py [--chunks 0,256,64] [--rounds 2] | tee benchmarks/prefill_itl.txt
+    python benchmarks/prefill_itl.py [--variants 'whole=--prefill-chunk-tokens 0;…'] [--rounds 2] | tee benchmarks/prefill_itl.txt
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ async def measure(url: str, texts: list[str], long_text: str | None, args) -> di
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--chunks", default="0,256,64", help="--prefill-chunk-tokens settings to compare")
+    ap.add_argument("--variants", default="whole=--prefill-chunk-tokens 0;fixed 256=--prefill-chunk-tokens 256 "
+                    "--prefill-piece-budget 0;default=", help="name=server flags, ';'-separated")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--long-tokens", type=int, default=2048)
@@ -74,15 +76,16 @@ def main() -> int:
 
     from trainer.models import resolve_model_path
 
-    chunks = [int(c) for c in args.chunks.split(",")]
+    variants = dict(v.split("=", 1) for v in args.variants.split(";"))
+    chunks = list(variants)
     ckpt = untrained_adapter(args.model, Path(tempfile.mkdtemp(prefix="prefill-itl-")) / "nested", r=args.rank)
     tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     texts = prompts(args.clients)
     filler = " ".join(prompts(200))
     long_text = tok.decode(tok(filler)["input_ids"][: args.long_tokens])
-    runs: dict[tuple[int, str], list[dict]] = {(c, m): [] for c in chunks for m in ("quiet", "long")}
+    runs: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in chunks for m in ("quiet", "long")}
     with contextlib.ExitStack() as stack:
-        urls = {c: stack.enter_context(serve(args.model, ckpt, "--prefill-chunk-tokens", str(c),
+        urls = {c: stack.enter_context(serve(args.model, ckpt, *variants[c].split(),
                                              "--max-batch-size", str(args.clients + 2), "--controller", "off",
                                              "--calibrate-steps", "0"))
                 for c in chunks}
@@ -100,17 +103,17 @@ def main() -> int:
     print(f"# model {args.model}, untrained r={args.rank} adapter, rank {args.rank}; {args.clients} decoding streams × "
           f"{args.max_tokens} tokens; 'long': a {args.long_tokens}-token prompt every {args.long_every_s:g} s; "
           f"median of {args.rounds} rounds")
-    print(f"{'chunk':>6} {'ITL p50 quiet':>14} {'p95 quiet':>10} {'p50 long':>9} {'p95 long':>9} {'p95 ÷':>6} "
+    print(f"{'variant':>10} {'ITL p50 quiet':>14} {'p95 quiet':>10} {'p50 long':>9} {'p95 long':>9} {'p95 ÷':>6} "
           f"{'p99 long':>9} {'max long':>9} {'long prompts':>12} {'their TTFT':>10}")
     for c in chunks:
         qu, lo = med[(c, "quiet")], med[(c, "long")]
-        print(f"{c if c else 'whole':>6} {qu['p50'] * 1e3:12.0f}ms {qu['p95'] * 1e3:8.0f}ms {lo['p50'] * 1e3:7.0f}ms "
+        print(f"{c:>10} {qu['p50'] * 1e3:12.0f}ms {qu['p95'] * 1e3:8.0f}ms {lo['p50'] * 1e3:7.0f}ms "
               f"{lo['p95'] * 1e3:7.0f}ms {lo['p95'] / qu['p95']:6.2f} {lo['p99'] * 1e3:7.0f}ms {lo['max'] * 1e3:7.0f}ms "
               f"{lo['long']:12.0f} {lo['long_ttft']:9.1f}s")
     print("# p95 hides a whole-prompt prefill (a few long gaps among hundreds); p99 and max show the stall")
     for c in chunks:
         r = med[(c, "long")]["p95"] / med[(c, "quiet")]["p95"]
-        print(f"goal chunk {c}: ITL p95 long ÷ quiet ≤ 2: {r:.2f} {'PASS' if r <= 2 else 'MISS'}")
+        print(f"goal {c} ({variants[c] or 'server defaults'}): ITL p95 long ÷ quiet ≤ 2: {r:.2f} {'PASS' if r <= 2 else 'MISS'}")
     return 0
 
 

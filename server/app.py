@@ -73,7 +73,7 @@ def load_state(settings: ServerSettings) -> AppState:
     ranks = adapter.config.ranks if adapter else []
     auto_merge = _setup_merge(settings, adapter, ranks)
     metrics = _setup_metrics(settings, adapter, meta, ranks)
-    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    runner = _setup_runner(settings, model, adapter, tok)
     throughput = _setup_calibration(settings, runner, tok, meta, device, ranks, auto_merge, small_gemm_rows)
     controller = _setup_controller(settings, metrics, throughput, ranks, auto_merge)
     context = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", tok.model_max_length))
@@ -106,6 +106,15 @@ def _setup_adapter(settings: ServerSettings, model):
     if settings.fuse:  # after the dtype cast: fused weights are views that a later .to() would break
         adapter.fuse()
     return adapter, meta
+
+
+def _setup_runner(settings: ServerSettings, model, adapter, tok) -> ModelRunner:
+    """The model runner; with chunked prefill, pieces ride on decode steps where a probe shows
+    this model computes the same that way (``ModelRunner.enable_mixed``)."""
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    if settings.prefill_chunk_tokens:
+        log.info("prefill pieces %s", "mixed into decode steps" if runner.enable_mixed() else "run separately")
+    return runner
 
 
 def _setup_kernels(settings: ServerSettings, model, device) -> int:
@@ -172,7 +181,8 @@ def _setup_engine(settings: ServerSettings, runner: ModelRunner, tok, context: i
                   controller: RankController, metrics: Metrics, auto_merge: AutoMerge | None) -> Engine:
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                           max_prefill_tokens=settings.max_prefill_tokens, context_length=context,
-                          step_timeout_s=settings.step_timeout_s, prefill_chunk_tokens=settings.prefill_chunk_tokens)
+                          step_timeout_s=settings.step_timeout_s, prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                          prefill_piece_budget=settings.prefill_piece_budget)
 
     def on_step(stats: StepStats) -> None:  # one stats object per step, to the metrics and the controller
         metrics.record(stats)

@@ -46,6 +46,39 @@ from server.stops import find_stop, partial_stop
 log = logging.getLogger(__name__)
 
 
+def piece_tokens(budget: float, decode_s: float | None, token_s: float | None, chunk: int, remaining: int,
+                 first: int = 16, quantum: int = 8) -> int:
+    """Tokens in the next piece so that it adds ``budget`` × a decode step's time:
+    ``budget · decode_s / token_s``, in multiples of ``quantum``, at least ``quantum``, at most
+    ``chunk`` and ``remaining``; ``first`` until both costs have been measured."""
+    if not decode_s or not token_s:
+        n = first
+    else:
+        n = max(quantum, int(budget * decode_s / token_s) // quantum * quantum)
+    return max(1, min(n, chunk, remaining))
+
+
+class StepCost:
+    """Moving averages (weight ``ALPHA`` on the newest) of a decode step's seconds and of the
+    seconds a prefill piece adds per token: mixed in, what the step took beyond a decode step;
+    apart, the piece's own time."""
+
+    ALPHA = 0.3
+
+    def __init__(self) -> None:
+        self.decode_s: float | None = None
+        self.token_s: float | None = None
+
+    def decode(self, seconds: float) -> None:
+        self.decode_s = seconds if self.decode_s is None else (1 - self.ALPHA) * self.decode_s + self.ALPHA * seconds
+
+    def piece(self, n: int, seconds: float, apart: bool = False) -> None:
+        if n <= 0 or (not apart and self.decode_s is None):
+            return
+        per = max(seconds - (0.0 if apart else self.decode_s), 0.0) / n
+        self.token_s = per if self.token_s is None else (1 - self.ALPHA) * self.token_s + self.ALPHA * per
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, ranks: list[int],
                  auto_rank: RankPolicy, on_step: Callable[[StepStats], None] | None = None,
@@ -62,6 +95,7 @@ class Engine:
         self.tick_s = tick_s
         self.auto_merge = auto_merge  # keeps the traffic's dominant rank merged (None: never re-merge)
         self._partial: tuple[Row, PartialPrefill] | None = None  # the long prompt being prefilled in pieces
+        self._cost = StepCost()  # measured: a decode step, and what a piece token adds to it
         self._arrivals = 0
         eos = runner.model.generation_config.eos_token_id if runner.model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
@@ -205,7 +239,9 @@ class Engine:
         admitted, long_prompt = self._schedule(stats)
         if long_prompt is not None:
             self._start_partial(long_prompt, stats)
-        joined = self._prefill_piece(stats) if self._partial is not None else False
+        # a piece rides on the decode step when rows are running (one forward), else runs alone
+        mixed = self._partial is not None and bool(self._rows) and self._mixable(self._partial[1])
+        joined = self._prefill_piece(stats) if self._partial is not None and not mixed else False
         if admitted:
             self._prefill(admitted, stats)
         if admitted or joined:
@@ -217,8 +253,16 @@ class Engine:
                 self.runner.remerge(target)
                 stats.merged = (target, time.perf_counter() - t0)
                 log.info("merged rank → %d (%.2f s)", target, stats.merged[1])
+        piece = None
         if self._rows:
-            out = isolation.decode(self.runner, [r.generated[-1] for r in self._rows])
+            tokens = [r.generated[-1] for r in self._rows]
+            t0 = time.perf_counter()
+            if mixed and self._partial is not None:
+                out, piece, n = self._decode_with_piece(tokens, stats)
+                self._cost.piece(n, time.perf_counter() - t0)
+            else:
+                out = isolation.decode(self.runner, tokens)
+                self._cost.decode(time.perf_counter() - t0)
             if out.errors:  # the runner already holds only the kept rows
                 stats.retried_apart += 1
                 for i, err in out.errors.items():
@@ -228,6 +272,10 @@ class Engine:
             if self._rows:
                 self._update(self._rows, out.logits, stats)
                 self._retire(stats)
+        elif mixed and self._partial is not None:  # every row retired before the decode: the piece alone
+            self._prefill_piece(stats)
+        if piece is not None and self._piece_done(*piece, stats):
+            self._retire(stats)
         stats.queue_depth, stats.running = len(self._waiting), len(self._rows)
         try:
             self.on_step(stats)
@@ -302,18 +350,56 @@ class Engine:
         if row is not None:
             self._partial = (row, PartialPrefill(req.prompt_ids, row.rank, req.prompt_logprobs))
 
-    def _prefill_piece(self, stats: StepStats) -> bool:
-        """The next piece of the long prompt; True when it completed and its row joined."""
+    def _mixable(self, part: PartialPrefill) -> bool:
+        return self.runner.mixed and part.prompt_logprobs is None
+
+    def _piece_size(self, part: PartialPrefill) -> int:
+        """While rows are decoding: ``prefill_chunk_tokens``, or with a ``prefill_piece_budget``
+        the tokens that add that fraction of a decode step (:func:`piece_tokens`, from the costs
+        measured so far). While none is: up to ``max_prefill_tokens`` (no decode step to protect,
+        and one forward is cheaper than many)."""
+        cfg = self.config
+        if not self._rows:
+            return min(max(cfg.prefill_chunk_tokens, cfg.max_prefill_tokens), part.remaining)
+        if cfg.prefill_piece_budget > 0:
+            return piece_tokens(cfg.prefill_piece_budget, self._cost.decode_s, self._cost.token_s,
+                                cfg.prefill_chunk_tokens, part.remaining)
+        return min(cfg.prefill_chunk_tokens, part.remaining)
+
+    def _decode_with_piece(self, tokens: list[int], stats: StepStats):
+        """The decode step with the long prompt's next piece in the same forward."""
         row, part = self._partial
-        n = min(self.config.prefill_chunk_tokens, part.remaining)
+        n = self._piece_size(part)
         stats.prefill_tokens += n
         try:
-            new, error = isolation.prefill_piece(self.runner, part, n)
+            return (*isolation.decode_with_piece(self.runner, tokens, part, n), n)
         except isolation.ModelBroken:
             self._partial = None
             with self._cv:  # answered by _fail_all once the engine is marked dead
                 self._waiting.appendleft(row.req)
             raise
+
+    def _prefill_piece(self, stats: StepStats) -> bool:
+        """The next piece of the long prompt; True when it completed and its row joined."""
+        row, part = self._partial
+        n = self._piece_size(part)
+        stats.prefill_tokens += n
+        t0 = time.perf_counter()
+        try:
+            new, error = isolation.prefill_piece(self.runner, part, n)
+            if self._rows:  # a piece apart adds its whole time to the step
+                self._cost.piece(n, time.perf_counter() - t0, apart=True)
+        except isolation.ModelBroken:
+            self._partial = None
+            with self._cv:  # answered by _fail_all once the engine is marked dead
+                self._waiting.appendleft(row.req)
+            raise
+        return self._piece_done(new, error, stats)
+
+    def _piece_done(self, new, error: str | None, stats: StepStats) -> bool:
+        """A piece's outcome: the request failed (error), still in pieces (None), or complete:
+        its row joins the batch. True when it joined."""
+        row, part = self._partial
         if error is not None:
             self._partial = None
             self._finish_unstarted(row.req, "error", stats, error=error, rank=row.rank)

@@ -103,5 +103,8 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests beyond which submit() raises Overloaded
     max_prefill_tokens: int = 4096  # prompt tokens admitted per step (the first always fits)
     prefill_chunk_tokens: int = 256  # longer prompts are prefilled this many tokens per step (0: whole)
+    # while rows decode, a piece adds at most this fraction of a decode step's time (sized from the
+    # measured cost of a decode step and of a piece token; 0: every piece is prefill_chunk_tokens)
+    prefill_piece_budget: float = 0.0
     context_length: int = 8192  # prompt + max_new_tokens must fit
     step_timeout_s: float = 120.0  # a step running longer is reported stuck (health, metrics)

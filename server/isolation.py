@@ -107,6 +107,26 @@ def decode(runner: ModelRunner, tokens: list[int]) -> Outcome:
     return Outcome(list(done), torch.cat([s.logits for s in solos]) if solos else None, errors)
 
 
+@torch.inference_mode()
+def decode_with_piece(runner: ModelRunner, tokens: list[int], part: PartialPrefill, n: int
+                      ) -> tuple[Outcome, tuple[Prefilled | None, str | None]]:
+    """One step that decodes the running rows and feeds ``part``'s next piece in one forward
+    (``ModelRunner.decode_with_piece``) → (the decode's outcome, the piece's as
+    :func:`prefill_piece` gives it). If that forward raises, the batch is restored from its
+    snapshot and both run apart (:func:`decode`, :func:`prefill_piece`), so a bad row or a bad
+    prompt fails alone, as without mixing."""
+    snap = _snapshot(runner.batch)
+    try:
+        logits, new = runner.decode_with_piece(tokens, part, n)
+        return Outcome(list(range(len(tokens))), logits, {}), (new, None)
+    except Exception as e:
+        log.warning("a decode step with a prefill piece raised %s; running them apart", describe(e))
+    runner.batch = Batch(room_cache([RoomLayer.adopt(k, v) for k, v in snap.layers]), snap.mask, snap.positions,
+                         list(snap.ranks))
+    out = decode(runner, tokens)
+    return out, prefill_piece(runner, part, n)
+
+
 def _apart(n: int, first: BaseException, run_one) -> tuple[dict[int, Prefilled], dict[int, str]]:
     """``run_one(i)`` for each row alone → (results of the rows that ran, errors of the others).
     A batch of one is not run again: its error is ``first``."""

@@ -122,3 +122,69 @@ def select_rows(cache: DynamicCache, idx: torch.Tensor, start: int) -> DynamicCa
         width = kv[0].shape[2] - ROOM
         layers.append(RoomLayer.adopt(kv[0][:, :, :width], kv[1][:, :, :width], kv[0], kv[1]))
     return room_cache(layers)
+
+
+# -- one forward for the decode rows and a prompt piece (chunked prefill, mixed in) --------------------
+MIXED_ATTENTION = "mlora_mixed"  # the attention implementation name a mixed forward runs under
+
+
+class MixedKV:
+    """What :meth:`MixedCache.update` hands the attention: the decode rows' keys (or values),
+    ``(B, Hkv, L+1, D)``, and the piece's, ``(1, Hkv, done+n, D)``."""
+
+    __slots__ = ("cache", "rows", "piece")
+
+    def __init__(self, cache: "MixedCache", rows: torch.Tensor, piece: torch.Tensor):
+        self.cache, self.rows, self.piece = cache, rows, piece
+
+
+class MixedCache(Cache):
+    """The running batch's cache and one long prompt's cache, for a packed forward of
+    ``(1, B + n)`` tokens: the B decode tokens (one per row) first, then the piece's n::
+
+        tokens  [ d₀ d₁ … d_{B-1} │ p_done … p_{done+n-1} ]
+        K, V    (1, Hkv, B + n, D) → column b of the decode part appended to batch row b,
+                                     the piece part appended to the prompt's own cache
+
+    Each part then attends to its own cache (:func:`mixed_attention`): the rows under their
+    padding mask, the piece causally — the same attention as a separate decode step and a
+    separate piece, with one pass over the weights for both."""
+
+    def __init__(self, batch: DynamicCache, piece: DynamicCache, rows: int, row_mask: torch.Tensor, done: int, n: int):
+        Cache.__init__(self, layers=list(batch.layers))  # what mask/layer-type helpers inspect
+        self.batch, self.piece, self.rows = batch, piece, rows
+        self.row_mask = row_mask.bool()[:, None, None, :]  # (B, 1, 1, L+1)
+        q = torch.arange(done, done + n, device=row_mask.device)
+        self.piece_mask = (torch.arange(done + n, device=row_mask.device)[None, :] <= q[:, None])[None, None]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        B = self.rows  # key_states (1, Hkv, B + n, D)
+        rk, rv = self.batch.layers[layer_idx].update(key_states[:, :, :B].permute(2, 1, 0, 3),
+                                                     value_states[:, :, :B].permute(2, 1, 0, 3))
+        pk, pv = self.piece.update(key_states[:, :, B:], value_states[:, :, B:], layer_idx)
+        return MixedKV(self, rk, pk), MixedKV(self, rv, pv)
+
+
+def mixed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The attention of a :class:`MixedCache` forward: query ``(1, Hq, B + n, D)`` →
+    ``(1, B + n, Hq, D)``. Any other forward goes to transformers' SDPA attention unchanged."""
+    if not isinstance(key, MixedKV):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    F = torch.nn.functional
+    cache, B = key.cache, key.cache.rows
+    gqa = query.shape[1] != key.rows.shape[1]
+    rows = F.scaled_dot_product_attention(query[:, :, :B].permute(2, 1, 0, 3), key.rows, value.rows,
+                                          attn_mask=cache.row_mask, scale=scaling, enable_gqa=gqa)  # (B, Hq, 1, D)
+    piece = F.scaled_dot_product_attention(query[:, :, B:], key.piece, value.piece, attn_mask=cache.piece_mask,
+                                           scale=scaling, enable_gqa=gqa)  # (1, Hq, n, D)
+    out = torch.cat([rows.permute(2, 1, 0, 3), piece], dim=2)  # (1, Hq, B + n, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_mixed_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(MIXED_ATTENTION, mixed_attention)

@@ -10,6 +10,9 @@ Pure tensor work, no threads or HTTP. The running batch keeps one KV cache, left
 * :meth:`prefill_piece` runs one long prompt a piece at a time (chunked prefill: the engine
   decodes the running rows between pieces), and returns the same once the prompt is complete;
 * :meth:`decode` feeds one token per row and returns the next-token logits;
+* :meth:`decode_with_piece` does both in one forward: the rows' decode tokens and the long
+  prompt's next piece packed as ``(1, B + n)`` (``server.kvcache.MixedCache``), so the piece
+  rides on the decode step's pass over the weights instead of costing a pass of its own;
 * :meth:`leave` drops finished rows and trims columns that only padding uses.
 
 Each row's adapter rank is applied through per-row coefficients (``NestedAdapter.set_row_ranks``):
@@ -21,15 +24,17 @@ its own rank, which never changes while the row runs; nothing is shared between 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from server.kvcache import fork, room_cache, select_rows, stack_left
+from server.kvcache import MIXED_ATTENTION, MixedCache, fork, register_mixed_attention, room_cache, select_rows, stack_left
 from server.sampling import TokenLogprob
 from trainer.inject import NestedAdapter
 
+log = logging.getLogger(__name__)
 HEAD_CHUNK = 256  # prompt positions per lm_head call when scoring a prompt: (256, V) logits at a time
 
 
@@ -84,6 +89,7 @@ class ModelRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self.batch = Batch()
         self._coeff_key: tuple[int, ...] | None = None
+        self.mixed = False  # decode_with_piece available (enable_mixed(): checked on a probe)
 
     # -- adapter coefficients ----------------------------------------------------------------------
     def _use_ranks(self, ranks: list[int]) -> None:
@@ -215,6 +221,85 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
+    def decode_with_piece(self, tokens: list[int], part: PartialPrefill, n: int) -> tuple[torch.Tensor, Prefilled | None]:
+        """:meth:`decode` and :meth:`prefill_piece` in one forward: returns the rows' next-token
+        logits (B, V) and, once ``part``'s prompt is complete, its row (else None). Neither the
+        batch nor ``part`` changes unless the forward succeeds (the batch's cache is written past
+        its views' end, ``part``'s cache is forked). Not for a prompt scored with ``echo``."""
+        b = self.batch
+        B, a = b.size, part.done
+        e = min(a + n, len(part.prompt))
+        ids = torch.tensor([list(tokens) + part.prompt[a:e]], dtype=torch.long, device=self.device)  # (1, B + n)
+        mask = torch.cat([b.mask, b.mask.new_ones((B, 1))], dim=1)  # (B, L+1)
+        positions = torch.cat([b.positions, torch.arange(a, e, device=self.device)])[None]  # (1, B + n)
+        piece = fork(part.cache) if a else room_cache()
+        cache = MixedCache(b.cache, piece, B, mask, a, e - a)
+        if self.adapter is not None:  # one coefficient row per token: each row's rank, then the piece's
+            ranks = b.ranks + [part.rank] * (e - a)
+            self.adapter.set_coeffs(torch.stack([self.adapter.inference_coeffs(k) for k in ranks])[None])
+            self._coeff_key = None
+        keep = torch.tensor([*range(B), B + e - a - 1], device=self.device)  # the rows, the piece's last token
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = MIXED_ATTENTION
+        try:
+            out = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions, use_cache=True,
+                             logits_to_keep=keep, **{self._cache_kw: cache})
+        finally:
+            config._attn_implementation = before
+        logits = out.logits[0]  # (B + 1, V)
+        b.mask, b.positions = mask, b.positions + 1
+        part.cache, part.done = piece, e
+        if part.remaining:
+            return logits[:B], None
+        return logits[:B], Prefilled(piece, torch.ones((1, e), dtype=torch.long, device=self.device),
+                                     torch.tensor([e], device=self.device), [part.rank], logits[B:])
+
+    @torch.inference_mode()
+    def enable_mixed(self, probe: list[int] | None = None) -> bool:
+        """Use :meth:`decode_with_piece` if this model computes with it what a separate decode and
+        a separate piece compute: checked on a probe (two rows at the top and lowest rank, a piece
+        at the top rank); models with sliding-window or other non-full attention layers are left
+        separate. Call with no rows running. Returns the decision (also ``self.mixed``)."""
+        cfg = self.model.config
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        self.mixed = False
+        if kinds != {"full_attention"} or getattr(cfg, "sliding_window", None) or self.batch.size:
+            return False
+        register_mixed_attention()
+        ranks = [0, 0] if self.adapter is None else [self.adapter.config.ranks[-1], self.adapter.config.ranks[0]]
+        probe = probe or [1, 2, 3, 4, 5, 6, 7]
+        try:
+            expect = self._probe(probe, ranks, mixed=False)
+            got = self._probe(probe, ranks, mixed=True)
+        except Exception as e:  # a model whose attention does not go through the cache and interface
+            log.info("mixed decode + prefill piece unavailable for this model (%s); pieces run separately", e)
+            return False
+        finally:
+            self.reset()
+        tol = (1e-4 if self.model.dtype == torch.float32 else 3e-2) * (1 + float(expect.abs().max()))
+        self.mixed = bool(torch.allclose(got, expect, rtol=0, atol=tol))
+        if not self.mixed:
+            log.warning("mixed decode + prefill piece differs from separate forwards by %.3g (tolerance %.3g); "
+                        "pieces run separately", float((got - expect).abs().max()), tol)
+        return self.mixed
+
+    def _probe(self, probe: list[int], ranks: list[int], mixed: bool) -> torch.Tensor:
+        """Logits of two decode steps of two rows, the second with two 3-token pieces of a prompt
+        (the first piece alone before it) — mixed in or separate."""
+        self.reset()
+        self.join(self.prefill([probe[:4], probe[:2]], ranks))
+        part = PartialPrefill(probe, ranks[0])
+        self.prefill_piece(part, 3)
+        first = self.decode([probe[4], probe[5]])
+        if mixed:
+            rows, new = self.decode_with_piece([probe[6], probe[0]], part, 4)
+        else:
+            rows = self.decode([probe[6], probe[0]])
+            new = self.prefill_piece(part, 4)
+        return torch.cat([first, rows, new.logits]).float()
+
+    @torch.inference_mode()
     def leave(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` (indices into the batch), then drop all-padding columns."""
         b = self.batch
@@ -228,6 +313,10 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.batch = Batch()
+
+
+_PREPARED_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D mask: transformers passes it through as is
+# (a MixedCache forward's attention applies the rows' and the piece's own masks)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:

@@ -27,9 +27,13 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, description="rows decoded together")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per engine step")
-    prefill_chunk_tokens: int = Field(256, ge=0, description="a longer prompt is prefilled this many tokens "
-                                      "per engine step, the running rows decoding between pieces (chunked prefill; "
-                                      "0: every prompt whole)")
+    prefill_chunk_tokens: int = Field(256, ge=0, description="a longer prompt is prefilled in pieces of at most "
+                                      "this many tokens, one per engine step, each riding on the running rows' decode "
+                                      "step (chunked prefill; 0: every prompt whole)")
+    prefill_piece_budget: float = Field(0.8, ge=0, description="while rows are decoding, a piece is sized to add at "
+                                        "most this fraction of a decode step's time (measured as the engine runs), "
+                                        "so a long prompt slows the running streams' tokens by at most 1+this; "
+                                        "0: every piece is --prefill-chunk-tokens")
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of every request (a request may ask less)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger bodies get 413")

@@ -110,6 +110,7 @@ def setup(tiny_model_dir):
 def make_engine(setup, **cfg) -> Engine:
     model, tok, adapter = setup
     runner = ModelRunner(model, adapter, tok.pad_token_id)
+    runner.enable_mixed()  # as the server does: prefill pieces ride on decode steps
     return Engine(runner, tok, EngineConfig(**cfg), adapter.config.ranks, auto_rank=lambda: 8)
 
 

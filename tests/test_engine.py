@@ -240,7 +240,8 @@ def test_running_rows_decode_between_the_pieces_of_a_long_prompt(setup):
         engine.step()
     assert [s.prefill_tokens for s in steps[1:6]] == [16] * 5  # one piece per step, never the whole prompt
     assert [s.generated[2] for s in steps[1:6]] == [1] * 5  # the running row decoded in every one of them
-    assert [s.generated[8] for s in steps[1:5]] == [0] * 4 and steps[5].generated[8] == 2  # first token + decode
+    # its last piece rode on step 5's decode (one forward): its first token came then, it decodes from step 6
+    assert [s.generated[8] for s in steps[1:5]] == [0] * 4 and steps[5].generated[8] == 1
     while not (short.sink.done.is_set() and long.sink.done.is_set()):
         engine.step()
     for r in (short, long):
@@ -248,9 +249,128 @@ def test_running_rows_decode_between_the_pieces_of_a_long_prompt(setup):
         assert r.sink.text == tok.decode(expected, skip_special_tokens=True)
 
 
+def running_rows_and_a_part(setup, runner):
+    from server.runner import PartialPrefill
+
+    _, tok, _ = setup
+    runner.reset()
+    runner.join(runner.prefill([tok(PROMPTS[0])["input_ids"], tok(PROMPTS[2])["input_ids"]], [8, 0]))
+    part = PartialPrefill(long_prompt(tok, 30), 2)
+    runner.prefill_piece(part, 9)
+    return part
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_piece_mixed_into_a_decode_step_computes_what_they_compute_apart(setup, fused):
+    """One forward of the rows' decode tokens and a prompt's next piece (rows at ranks 8 and 0,
+    the piece at rank 2): the rows' logits, the finished prompt's logits, and every decode after
+    it (the caches both wrote) equal a separate decode step and a separate piece."""
+    model, tok, adapter = setup
+    adapter.fuse() if fused else adapter.unfuse()
+    try:
+        runner = ModelRunner(model, adapter, tok.pad_token_id)
+        assert runner.enable_mixed()
+        outs = []
+        for mixed in (False, True):
+            part = running_rows_and_a_part(setup, runner)
+            tokens = [11, 12]
+            if mixed:
+                rows, new = runner.decode_with_piece(tokens, part, 8)  # tokens 9..16: not the last piece
+                assert new is None and part.done == 17
+                rows2, new = runner.decode_with_piece([13, 14], part, 20)  # the rest: 13 tokens
+            else:
+                rows = runner.decode(tokens)
+                assert runner.prefill_piece(part, 8) is None
+                rows2 = runner.decode([13, 14])
+                new = runner.prefill_piece(part, 20)
+            assert new is not None and part.remaining == 0 and new.positions.tolist() == [30]
+            runner.join(new)
+            after = [runner.decode([15, 16, 17]), runner.decode([18, 19, 20])]
+            outs.append(torch.cat([rows, rows2, new.logits, *after]))
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    finally:
+        adapter.fuse()
+
+
+def test_a_mixed_step_that_raises_runs_its_parts_apart(setup, monkeypatch):
+    """If the mixed forward fails, the batch is restored from its snapshot and the decode and the
+    piece run apart: nothing is lost, the results are the separate ones."""
+    from server import isolation
+
+    model, tok, adapter = setup
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    assert runner.enable_mixed()
+    part = running_rows_and_a_part(setup, runner)
+    expected_rows = runner.decode([11, 12])
+    expected_piece = runner.prefill_piece(part, 30)
+    part = running_rows_and_a_part(setup, runner)
+
+    def half_then_raise(tokens, part, n):
+        for layer in runner.batch.cache.layers[:1]:  # as a forward that wrote part of the cache would
+            layer.update(layer.keys[:, :, -1:] * 0 + 7, layer.values[:, :, -1:] * 0 + 7)
+        raise RuntimeError("mixed forward failed")
+
+    monkeypatch.setattr(runner, "decode_with_piece", half_then_raise)
+    out, (new, error) = isolation.decode_with_piece(runner, [11, 12], part, 30)
+    assert error is None and out.errors == {} and out.kept == [0, 1]
+    torch.testing.assert_close(out.logits, expected_rows, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(new.logits, expected_piece.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_piece_is_sized_to_add_its_budget_of_a_decode_step():
+    from server.engine import StepCost, piece_tokens
+
+    assert piece_tokens(0.8, None, None, 256, 2000) == 16  # nothing measured yet: a small first piece
+    assert piece_tokens(0.8, 0.2, 0.004, 256, 2000) == 40  # 0.8 · 0.2 s / 4 ms per token
+    assert piece_tokens(0.8, 0.2, 0.0001, 256, 2000) == 256  # never past --prefill-chunk-tokens
+    assert piece_tokens(0.8, 0.2, 0.004, 256, 13) == 13  # nor past the prompt's rest
+    assert piece_tokens(0.8, 0.2, 1.0, 256, 2000) == 8  # at least one quantum: the prompt always advances
+    cost = StepCost()
+    cost.piece(16, 1.0)  # mixed in, before any plain decode step: nothing to subtract from, ignored
+    assert cost.token_s is None
+    cost.decode(0.2)
+    cost.piece(16, 0.36)  # 0.16 s more than a decode step, for 16 tokens
+    assert cost.decode_s == 0.2 and cost.token_s == pytest.approx(0.01)
+    cost.piece(10, 0.5, apart=True)  # a piece run apart costs its own time
+    assert cost.token_s == pytest.approx(0.7 * 0.01 + 0.3 * 0.05)
+
+
+def test_with_a_budget_pieces_follow_the_measured_costs(setup):
+    """The engine sizes each piece from what its steps cost: the first piece is the small default,
+    later ones follow budget · decode step ÷ cost per token; the answers do not change."""
+    _, tok, _ = setup
+    engine = make_engine(setup, max_batch_size=4, prefill_chunk_tokens=64, prefill_piece_budget=0.5)
+    steps = []
+    engine.on_step = steps.append
+    short = GenerationRequest(tok(PROMPTS[1])["input_ids"], 2, SamplingParams(max_new_tokens=30), Collector())
+    engine.submit(short)
+    engine.step()
+    engine.step()  # a plain decode step: measured
+    long = GenerationRequest(long_prompt(tok, 90), 8, SamplingParams(max_new_tokens=4), Collector())
+    engine.submit(long)
+    engine.step()
+    assert steps[-1].prefill_tokens == 16  # the first piece, before a piece's cost is known
+    cost = engine._cost
+    expected = min(64, max(8, int(0.5 * cost.decode_s / cost.token_s) // 8 * 8))
+    engine.step()
+    assert steps[-1].prefill_tokens == min(expected, 90 - 16)
+    while not (short.sink.done.is_set() and long.sink.done.is_set()):
+        engine.step()
+    for r in (short, long):
+        want, _ = reference(setup, r.prompt_ids, r.rank, r.params.max_new_tokens)
+        assert r.sink.text == tok.decode(want, skip_special_tokens=True)
+
+
+def test_models_with_sliding_window_attention_keep_pieces_apart(setup, monkeypatch):
+    model, tok, adapter = setup
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    monkeypatch.setattr(model.config, "sliding_window", 16, raising=False)
+    assert runner.enable_mixed() is False and runner.mixed is False
+
+
 def test_a_long_prompt_aborted_or_expired_mid_prefill_frees_its_slot(setup):
     _, tok, _ = setup
-    engine = make_engine(setup, max_batch_size=1, prefill_chunk_tokens=8)
+    engine = make_engine(setup, max_batch_size=1, prefill_chunk_tokens=8, max_prefill_tokens=8)
     aborted = GenerationRequest(long_prompt(tok, 40), 8, SamplingParams(max_new_tokens=4), Collector())
     engine.submit(aborted)
     engine.step()

@@ -123,8 +123,8 @@ class FusedGroup:
         if alpha is None:  # c_j scales component j of every member: (..., n, G) ⊙ (n, 1)
             if c.dim() == 2:  # one coefficient row per batch row: (rows, n) -> (rows, 1.., n, 1)
                 c = c.view(c.shape[0], *([1] * (h.dim() - 2)), n, 1)
-            else:
-                c = c[:, None]
+            else:  # (n,) or per token (1, tokens, n)
+                c = c[..., None]
             h, alpha = (h.unflatten(-1, (n, G)) * c).flatten(-2), 1.0
         if (G - 1) * n * T <= BLOCK_B_WASTE:  # one addmm; its zero blocks cost little at this n
             out = torch.addmm(y.reshape(-1, T), h.reshape(-1, G * n), self._block_b()[:G * n],

@@ -170,8 +170,9 @@ class AdapterState:
     """What every nested layer of one model reads at forward time (shared, not a module).
 
     ``coeffs`` is ``c`` trimmed to its leading non-zero part: shape ``(n,)`` for the whole batch,
-    or ``(rows, n)`` with one row of coefficients per batch row (mixed ranks in one batch; rows
-    past their own rank hold zeros). ``None`` switches every adapter off. When every entry of
+    ``(rows, n)`` with one row of coefficients per batch row (mixed ranks in one batch; rows
+    past their own rank hold zeros), or ``(1, tokens, n)`` with one per token of a packed
+    ``(1, tokens)`` forward (the engine's decode rows and a prompt piece in one forward). ``None`` switches every adapter off. When every entry of
     ``coeffs`` is the same number (LoRA, or every row at one rank), ``uniform`` holds it, and the
     layer folds it into its fused ``addmm`` instead of multiplying (one small op fewer per layer).
     """
@@ -245,7 +246,7 @@ class NestedLoRALinear(nn.Module):
         alpha = self.state.uniform
         if alpha is None:  # scale the small (..., n) intermediate, not the (..., out) output
             if c.dim() == 2:  # one coefficient row per batch row: (rows, n) -> (rows, 1.., n)
-                c = c.view(c.shape[0], *([1] * (h.dim() - 2)), n)
+                c = c.view(c.shape[0], *([1] * (h.dim() - 2)), n)  # (1, tokens, n) is per token as it is
             h, alpha = h * c, 1.0
         if h.dtype != y.dtype and not torch.is_autocast_enabled(y.device.type):
             return y + (alpha * (h @ Bt)).to(y.dtype)
