@@ -12,7 +12,8 @@ every gap between their streamed tokens (ITL). It does so twice per round:
 
 Printed per setting: ITL p50/p95 quiet and long (median over rounds), their ratio, p99 and max
 while long prompts arrive (the stall a whole-prompt prefill causes shows there, not at p95), and
-the long prompts' time to first token. Goal (issue "Performance against a real peer engine"): ITL p95
+the long prompts' time to first token (each awaited to the end, so that the next measurement
+starts on an idle server). Goal (issue "Performance against a real peer engine"): ITL p95
 long ÷ quiet ≤ 2.
 
     python benchmarks/prefill_itl.py [--variants 'whole=--prefill-chunk-tokens 0;…'] [--rounds 2] | tee benchmarks/prefill_itl.txt
@@ -39,19 +40,20 @@ from benchmarks.common import machine_line, medians, prompts, q, serve, stream_c
 async def measure(url: str, texts: list[str], long_text: str | None, args) -> dict:
     async with httpx.AsyncClient(timeout=900) as client:
         decoding = [asyncio.create_task(stream_completion(client, url, f"mlora@{args.rank}", t, args.max_tokens)) for t in texts]
-        long_ttfts = []
+        long_ttfts, done = [], asyncio.Event()
 
-        async def long_arrivals() -> None:
-            while True:
-                await asyncio.sleep(args.long_every_s)
-                long_ttfts.append((await stream_completion(client, url, f"mlora@{args.rank}", long_text, 1))["ttft"])
+        async def long_arrivals() -> None:  # while the streams run: wait long_every_s, send one, await it
+            while not done.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), args.long_every_s)
+                if not done.is_set():  # the last one is awaited to its end, not cancelled: the server is idle after
+                    long_ttfts.append((await stream_completion(client, url, f"mlora@{args.rank}", long_text, 1))["ttft"])
 
         arrivals = asyncio.create_task(long_arrivals()) if long_text else None
         results = await asyncio.gather(*decoding)
+        done.set()
         if arrivals is not None:
-            arrivals.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await arrivals
+            await asyncio.wait_for(arrivals, 600)
     gaps = sorted(g for r in results for g in r["gaps"])
     return {"p50": q(gaps, 0.5), "p95": q(gaps, 0.95), "p99": q(gaps, 0.99), "max": gaps[-1], "long": len(long_ttfts),
             "long_ttft": statistics.median(long_ttfts) if long_ttfts else float("nan")}

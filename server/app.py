@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.calibration import cache_key, calibrate
 from server.control import ClusterSignals, RankController
 from server.controller import ControllerConfig
-from server.engine import Engine
+from server.engine import Engine, ModelThread
 from server.engine_types import EngineConfig, StepStats
 from server.merging import AutoMerge
 from server.deps import accepting, app_state, authorised, key_ok, respond
@@ -287,9 +287,10 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        st = state or await asyncio.to_thread(load_state, settings)
+        model_thread = ModelThread()  # loading, probes and calibration run where the engine loop will
+        st = state or await asyncio.wrap_future(model_thread.submit(lambda: load_state(settings)))
         app.state.mlora = st
-        st.engine.start()
+        st.engine.start(model_thread)
         if st.controller.cluster is not None:
             st.controller.cluster.start()
         st.ready = True
