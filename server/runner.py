@@ -235,8 +235,9 @@ class ModelRunner:
         piece = fork(part.cache) if a else room_cache()
         cache = MixedCache(b.cache, piece, B, mask, a, e - a)
         if self.adapter is not None:  # one coefficient row per token: each row's rank, then the piece's
-            ranks = b.ranks + [part.rank] * (e - a)
-            self.adapter.set_coeffs(torch.stack([self.adapter.inference_coeffs(k) for k in ranks])[None])
+            rows = torch.stack([self.adapter.inference_coeffs(k) for k in b.ranks])  # (B, r)
+            piece_c = self.adapter.inference_coeffs(part.rank).expand(e - a, -1)  # (n, r): one row, n views
+            self.adapter.set_coeffs(torch.cat([rows, piece_c])[None])  # (1, B + n, r)
             self._coeff_key = None
         keep = torch.tensor([*range(B), B + e - a - 1], device=self.device)  # the rows, the piece's last token
         config = self.model.config

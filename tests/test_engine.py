@@ -242,11 +242,17 @@ def test_running_rows_decode_between_the_pieces_of_a_long_prompt(setup):
     assert [s.generated[2] for s in steps[1:6]] == [1] * 5  # the running row decoded in every one of them
     # its last piece rode on step 5's decode (one forward): its first token came then, it decodes from step 6
     assert [s.generated[8] for s in steps[1:5]] == [0] * 4 and steps[5].generated[8] == 1
-    while not (short.sink.done.is_set() and long.sink.done.is_set()):
+    step_until_done(engine, setup, [short, long])
+
+
+def step_until_done(engine, setup, reqs) -> None:
+    """Step the engine until every request is done; each answers what it answers alone."""
+    _, tok, _ = setup
+    while not all(r.sink.done.is_set() for r in reqs):
         engine.step()
-    for r in (short, long):
-        expected, _ = reference(setup, r.prompt_ids, r.rank, r.params.max_new_tokens)
-        assert r.sink.text == tok.decode(expected, skip_special_tokens=True)
+    for r in reqs:
+        want, _ = reference(setup, r.prompt_ids, r.rank, r.params.max_new_tokens)
+        assert r.sink.text == tok.decode(want, skip_special_tokens=True)
 
 
 def running_rows_and_a_part(setup, runner):
@@ -336,6 +342,8 @@ def test_a_piece_is_sized_to_add_its_budget_of_a_decode_step():
 
 
 def test_with_a_budget_pieces_follow_the_measured_costs(setup):
+    from server.engine import piece_tokens
+
     """The engine sizes each piece from what its steps cost: the first piece is the small default,
     later ones follow budget · decode step ÷ cost per token; the answers do not change."""
     _, tok, _ = setup
@@ -351,14 +359,11 @@ def test_with_a_budget_pieces_follow_the_measured_costs(setup):
     engine.step()
     assert steps[-1].prefill_tokens == 16  # the first piece, before a piece's cost is known
     cost = engine._cost
-    expected = min(64, max(8, int(0.5 * cost.decode_s / cost.token_s) // 8 * 8))
+    expected = piece_tokens(0.5, cost.decode_s, cost.token_s, 64, 90 - 16)
+    assert 8 <= expected <= 64
     engine.step()
-    assert steps[-1].prefill_tokens == min(expected, 90 - 16)
-    while not (short.sink.done.is_set() and long.sink.done.is_set()):
-        engine.step()
-    for r in (short, long):
-        want, _ = reference(setup, r.prompt_ids, r.rank, r.params.max_new_tokens)
-        assert r.sink.text == tok.decode(want, skip_special_tokens=True)
+    assert steps[-1].prefill_tokens == expected
+    step_until_done(engine, setup, [short, long])
 
 
 def test_models_with_sliding_window_attention_keep_pieces_apart(setup, monkeypatch):
