@@ -96,22 +96,40 @@ def piece_tokens(budget: float, decode_s: float | None, token_s: float | None, c
 class StepCost:
     """Moving averages (weight ``ALPHA`` on the newest) of a decode step's seconds and of the
     seconds a prefill piece adds per token: mixed in, what the step took beyond a decode step;
-    apart, the piece's own time."""
+    apart, the piece's own time. A decode step's cost is only measured on plain steps, so while
+    pieces ride on every step it goes stale: :meth:`stale` asks for a plain step once the batch
+    size has changed since the last one, or ``STALE_STEPS`` mixed steps have run."""
 
     ALPHA = 0.3
+    STALE_STEPS = 32
 
     def __init__(self) -> None:
         self.decode_s: float | None = None
         self.token_s: float | None = None
+        self._rows = 0  # the batch size decode_s was last measured at
+        self._mixed = 0  # mixed steps since
 
-    def decode(self, seconds: float) -> None:
-        self.decode_s = seconds if self.decode_s is None else (1 - self.ALPHA) * self.decode_s + self.ALPHA * seconds
+    def decode(self, seconds: float, rows: int) -> None:
+        if self.decode_s is None or rows != self._rows:  # another batch: another cost, not an average
+            self.decode_s = seconds
+        else:
+            self.decode_s = (1 - self.ALPHA) * self.decode_s + self.ALPHA * seconds
+        self._rows, self._mixed = rows, 0
 
     def piece(self, n: int, seconds: float, apart: bool = False) -> None:
+        if not apart:
+            self._mixed += 1
         if n <= 0 or (not apart and self.decode_s is None):
             return
         per = max(seconds - (0.0 if apart else self.decode_s), 0.0) / n
         self.token_s = per if self.token_s is None else (1 - self.ALPHA) * self.token_s + self.ALPHA * per
+
+    def stale(self, rows: int) -> bool:
+        """Whether a plain decode step of ``rows`` rows should run before the next mixed one
+        (never twice in a row: a batch that changes every step still lets the prompt advance)."""
+        if self.decode_s is None:
+            return True
+        return self._mixed > 0 and (rows != self._rows or self._mixed >= self.STALE_STEPS)
 
 
 class Engine:
@@ -283,7 +301,11 @@ class Engine:
             self._start_partial(long_prompt, stats)
         # a piece rides on the decode step when rows are running (one forward), else runs alone
         mixed = self._partial is not None and bool(self._rows) and self._mixable(self._partial[1])
-        joined = self._prefill_piece(stats) if self._partial is not None and not mixed else False
+        if mixed and self._measure_first():
+            mixed, piece_now = False, False  # this step decodes plain, the piece waits for the next
+        else:
+            piece_now = self._partial is not None and not mixed
+        joined = self._prefill_piece(stats) if piece_now else False
         if admitted:
             self._prefill(admitted, stats)
         if admitted or joined:
@@ -304,7 +326,7 @@ class Engine:
                 self._cost.piece(n, time.perf_counter() - t0)
             else:
                 out = isolation.decode(self.runner, tokens)
-                self._cost.decode(time.perf_counter() - t0)
+                self._cost.decode(time.perf_counter() - t0, len(tokens))
             if out.errors:  # the runner already holds only the kept rows
                 stats.retried_apart += 1
                 for i, err in out.errors.items():
@@ -395,6 +417,11 @@ class Engine:
     def _mixable(self, part: PartialPrefill) -> bool:
         return self.runner.mixed and part.prompt_logprobs is None
 
+    def _measure_first(self) -> bool:
+        """With a piece budget, whether this step must decode plain so that the piece is sized
+        from a fresh decode cost (:meth:`StepCost.stale`)."""
+        return self.config.prefill_piece_budget > 0 and self._cost.stale(len(self._rows))
+
     def _piece_size(self, part: PartialPrefill) -> int:
         """While rows are decoding: ``prefill_chunk_tokens``, or with a ``prefill_piece_budget``
         the tokens that add that fraction of a decode step (:func:`piece_tokens`, from the costs
@@ -473,18 +500,29 @@ class Engine:
 
     def _admit(self, rows: list[Row], logits: torch.Tensor | None, parts: list[Prefilled],
                prompt_logprobs: list | None, stats: StepStats) -> None:
-        """Join prefilled rows to the batch and sample their first tokens (``logits``: (rows, V))."""
-        for part in parts:
-            self.runner.join(part)
+        """Sample prefilled rows' first tokens (``logits``: (rows, V)), then join to the batch the
+        rows that go on. A row done on its first token (one token asked, EOS, a stop string, an
+        echo-only score, a failure) is answered here and never joins: its cache is dropped, not
+        copied into the batch's and out again (for one long prompt, a copy the size of the whole
+        batch padded to its length). ``parts`` hold the rows in order."""
         for row, scored in zip(rows, prompt_logprobs or []):
             row.prompt_logprobs = scored
-        self._rows.extend(rows)
-        sampled = [i for i, r in enumerate(rows) if r.req.params.max_new_tokens > 0]
         for row in rows:
             if row.req.params.max_new_tokens == 0:  # scoring only (echo): nothing to generate
                 row.finish = "length"
+        sampled = [i for i, r in enumerate(rows) if r.req.params.max_new_tokens > 0]
         if sampled:
             self._update([rows[i] for i in sampled], logits[sampled], stats)
+        start = 0
+        for part in parts:
+            group, start = rows[start:start + len(part.ranks)], start + len(part.ranks)
+            going_on = [i for i, r in enumerate(group) if r.finish is None]
+            if going_on:
+                self.runner.join(part, going_on)
+            self._rows.extend(group[i] for i in going_on)
+            for row in group:
+                if row.finish is not None:
+                    self._finish_row(row, stats)
 
     def _update(self, rows: list[Row], logits: torch.Tensor, stats: StepStats) -> None:
         """Sample one token per row, stream its text, and mark rows that are done (a row whose

@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicCache
 from server.kvcache import MIXED_ATTENTION, MixedCache, fork, register_mixed_attention, room_cache, select_rows, stack_left
 from server.sampling import TokenLogprob
 from trainer.inject import NestedAdapter
+from trainer.kernels import contiguous_head_input
 
 log = logging.getLogger(__name__)
 HEAD_CHUNK = 256  # prompt positions per lm_head call when scoring a prompt: (256, V) logits at a time
@@ -89,6 +90,7 @@ class ModelRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self.batch = Batch()
         self._coeff_key: tuple[int, ...] | None = None
+        contiguous_head_input(model)  # a prefill's last positions: one GEMM, not a bmm over weight copies
         self.mixed = False  # decode_with_piece available (enable_mixed(): checked on a probe)
 
     # -- adapter coefficients ----------------------------------------------------------------------
@@ -156,7 +158,8 @@ class ModelRunner:
         ids = torch.tensor([part.prompt[a:b]], dtype=torch.long, device=self.device)  # (1, n)
         mask = torch.ones((1, b), dtype=torch.long, device=self.device)  # (1, done + n)
         positions = torch.arange(a, b, device=self.device).unsqueeze(0)  # (1, n)
-        cache = fork(part.cache) if a else room_cache()  # appends past part.cache's end: part keeps its view
+        # appends past part.cache's end (part keeps its view); the first piece reserves the whole prompt
+        cache = fork(part.cache) if a else room_cache(capacity=len(part.prompt))
         hook = None
         if part.prompt_logprobs is not None:
             captured = {}
@@ -199,8 +202,11 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def join(self, new: Prefilled) -> None:
-        """Append prefilled rows to the running batch, left-padding whichever side is shorter."""
+    def join(self, new: Prefilled, rows: list[int] | None = None) -> None:
+        """Append prefilled rows (``rows``: only those indices of ``new``) to the running batch,
+        left-padding whichever side is shorter."""
+        if rows is not None and len(rows) < len(new.ranks):
+            new = _select(new, rows)
         b = self.batch
         if b.cache is None:
             self.batch = Batch(new.cache, new.mask, new.positions, list(new.ranks))
@@ -232,7 +238,7 @@ class ModelRunner:
         ids = torch.tensor([list(tokens) + part.prompt[a:e]], dtype=torch.long, device=self.device)  # (1, B + n)
         mask = torch.cat([b.mask, b.mask.new_ones((B, 1))], dim=1)  # (B, L+1)
         positions = torch.cat([b.positions, torch.arange(a, e, device=self.device)])[None]  # (1, B + n)
-        piece = fork(part.cache) if a else room_cache()
+        piece = fork(part.cache) if a else room_cache(capacity=len(part.prompt))
         cache = MixedCache(b.cache, piece, B, mask, a, e - a)
         if self.adapter is not None:  # one coefficient row per token: each row's rank, then the piece's
             rows = torch.stack([self.adapter.inference_coeffs(k) for k in b.ranks])  # (B, r)
@@ -309,7 +315,7 @@ class ModelRunner:
             return
         idx = torch.tensor(keep, device=self.device)
         mask = b.mask[idx]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row still uses
+        start = _first_used(mask)
         self.batch = Batch(select_rows(b.cache, idx, start), mask[:, start:], b.positions[idx], [b.ranks[i] for i in keep])
 
     def reset(self) -> None:
@@ -318,6 +324,21 @@ class ModelRunner:
 
 _PREPARED_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D mask: transformers passes it through as is
 # (a MixedCache forward's attention applies the rows' and the piece's own masks)
+
+
+def _first_used(mask: torch.Tensor) -> int:
+    """The first column of ``mask`` (b, L) that some row uses (left of it: padding only)."""
+    return int((mask.sum(0) > 0).nonzero()[0])
+
+
+def _select(new: Prefilled, rows: list[int]) -> Prefilled:
+    """Rows ``rows`` of ``new``, without the padding columns none of them uses."""
+    idx = torch.tensor(rows, device=new.mask.device)
+    mask = new.mask[idx]
+    start = _first_used(mask)
+    scored = None if new.prompt_logprobs is None else [new.prompt_logprobs[i] for i in rows]
+    return Prefilled(select_rows(new.cache, idx, start), mask[:, start:], new.positions[idx],
+                     [new.ranks[i] for i in rows], new.logits[idx], scored)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:

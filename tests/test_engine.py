@@ -111,6 +111,36 @@ def test_max_new_tokens_gives_length_and_usage(setup):
     assert 0 <= f.queue_s <= f.ttft_s <= f.total_s
 
 
+def test_a_row_done_on_its_first_token_is_answered_without_joining_the_batch(setup):
+    """One token asked, or echo-only: answered from the prefill; the batch never holds its cache
+    (for a long prompt that copy is the whole batch padded to its length). A prompt prefilled
+    with them still joins, and the running row decodes on undisturbed."""
+    _, tok, _ = setup
+    engine = make_engine(setup, max_batch_size=8, prefill_chunk_tokens=16)
+    running = GenerationRequest(tok(PROMPTS[0])["input_ids"], 8, SamplingParams(max_new_tokens=8), Collector())
+    engine.submit(running)
+    engine.step()
+    joins = []  # (prefilled rows offered, the rows of them that joined)
+    real_join = engine.runner.join
+    engine.runner.join = lambda new, rows=None: (joins.append((len(new.ranks), rows)), real_join(new, rows))
+    one = GenerationRequest(tok(PROMPTS[1])["input_ids"], 2, SamplingParams(max_new_tokens=1), Collector())
+    echo = GenerationRequest(tok(PROMPTS[2])["input_ids"], 0, SamplingParams(max_new_tokens=0), Collector(),
+                             prompt_logprobs=1)
+    goes_on = GenerationRequest(tok(PROMPTS[4])["input_ids"], 4, SamplingParams(max_new_tokens=3), Collector())
+    long = GenerationRequest(long_prompt(tok, 60), 8, SamplingParams(max_new_tokens=1), Collector())
+    for r in (one, echo, goes_on, long):
+        engine.submit(r)
+    engine.step()  # one, echo and goes_on prefilled together (the long one starts in pieces)
+    assert joins == [(3, [2])] and engine.runner.batch.size == 2  # of the three, goes_on alone joined
+    assert engine.runner.batch.mask[1].sum() == len(goes_on.prompt_ids) + 1  # its own tokens, no one else's
+    assert one.sink.done.is_set() and echo.sink.done.is_set()
+    assert (one.sink.final.finish_reason, one.sink.final.completion_tokens) == ("length", 1)
+    assert echo.sink.final.completion_tokens == 0
+    step_until_done(engine, setup, [running, goes_on, long, one])
+    assert joins == [(3, [2])]  # the long prompt's row never joined either
+    assert engine.runner.batch.size == 0
+
+
 def test_invalid_requests_and_overload_are_refused_up_front(setup):
     from server.errors import InvalidRequest, Overloaded
 
@@ -334,11 +364,19 @@ def test_a_piece_is_sized_to_add_its_budget_of_a_decode_step():
     cost = StepCost()
     cost.piece(16, 1.0)  # mixed in, before any plain decode step: nothing to subtract from, ignored
     assert cost.token_s is None
-    cost.decode(0.2)
+    assert cost.stale(8)  # no decode step measured: one plain step first
+    cost.decode(0.2, rows=8)
+    assert not cost.stale(8) and not cost.stale(9)  # just measured: mix now, even if the batch changed since
     cost.piece(16, 0.36)  # 0.16 s more than a decode step, for 16 tokens
     assert cost.decode_s == 0.2 and cost.token_s == pytest.approx(0.01)
     cost.piece(10, 0.5, apart=True)  # a piece run apart costs its own time
     assert cost.token_s == pytest.approx(0.7 * 0.01 + 0.3 * 0.05)
+    assert not cost.stale(8) and cost.stale(9)  # a mixed step later, another batch size: measure again
+    for _ in range(StepCost.STALE_STEPS - 1):
+        cost.piece(16, 0.36)
+    assert cost.stale(8)  # the same batch, but STALE_STEPS mixed steps since the plain one
+    cost.decode(0.3, rows=9)  # another batch size: its own cost, not averaged with the old one
+    assert cost.decode_s == 0.3 and not cost.stale(9)
 
 
 def test_with_a_budget_pieces_follow_the_measured_costs(setup):

@@ -109,3 +109,23 @@ def test_the_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     cached[key] = 1.0  # a CPU where it does not pay: kept standard
     (tmp_path / "small-gemm-probe.json").write_text(json.dumps(cached))
     assert resolve_small_gemm("auto", cpu, torch.float32, tmp_path) == 0
+
+
+def test_a_batched_prefill_computes_the_head_as_one_gemm_not_a_bmm_over_weight_copies(tiny_model_dir):
+    """transformers hands the head a strided ``hidden[:, -1:, :]``; unhooked, F.linear runs it as
+    a bmm over B expanded copies of the (V, H) weight (1.1 s of a 2.6 s SmolLM2 prefill here)."""
+    from conftest import load_tiny
+    from server.runner import ModelRunner
+
+    model, tok = load_tiny(tiny_model_dir)
+    prompts = [[5, 6, 7, 8, 9], [5, 6], [7, 8, 9]]
+    with torch.inference_mode():
+        strided = model(input_ids=torch.tensor([[5, 6, 7]] * 3), logits_to_keep=1).logits
+    runner = ModelRunner(model, None, tok.pad_token_id)  # hooks the head
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = runner.prefill(prompts, [0, 0, 0])
+    assert "aten::bmm" not in {e.name for e in prof.events()}
+    assert out.logits.shape == (3, model.config.vocab_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=torch.tensor([[5, 6, 7]] * 3), logits_to_keep=1).logits, strided)
+    assert not kernels.contiguous_head_input(model)  # once per model

@@ -44,6 +44,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def contiguous_head_input(model: nn.Module) -> bool:
+    """Give the output head (``model.get_output_embeddings()``) contiguous inputs, once per model.
+    transformers feeds it ``hidden[:, -1:, :]`` (``logits_to_keep=1``), a strided (B, 1, H) view,
+    which ``F.linear`` does not fold into one GEMM: it runs a bmm against B expanded copies of
+    the (V, H) weight. Measured here (bf16, SmolLM2's 49152 × 576 head, 16 prompts): 1.1 s of a
+    2.6 s prefill, against milliseconds for the copy of (B, 1, H). Returns whether a head was hooked."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_contiguous_input", False):
+        return False
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    head._contiguous_input = True
+    return True
+
+
 class SmallGemmLinear(nn.Linear):
     """An ``nn.Linear`` whose few-row calls go weight-major (same parameters, same state dict)."""
 
