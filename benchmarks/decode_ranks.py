@@ -15,10 +15,10 @@ without HTTP. Rows:
                             costs what the base costs
 * ``merged@64, rank 8|mixed``  rows at other ranks pay for their difference c_k − c_64
 
-Every variant runs with the server's ``--small-gemm`` choice (``auto``: decode-sized linears
-weight-major where a cached probe measures it faster, :mod:`trainer.kernels`); ``--small-gemm
-both`` adds each variant computed the standard way (``… [F.linear]``). Ratios divide by rank 0 of
-the same path (fused by fused, standard-layout by standard-layout).
+Every variant runs with the server's ``--gemm`` choice (``auto``: the GEMM mode a cached probe
+measures fastest here, :mod:`trainer.kernels`: oneDNN-packed weights, weight-major or standard);
+``--vs-standard`` adds each variant computed the standard way (``… [F.linear]``). Ratios divide
+by rank 0 of the same path (fused by fused, standard by standard).
 
 Goals (issue "an adapter whose cost follows its rank"): unmerged rank 1 ≥ 0.97 of rank 0; rank r
 at the memory-bandwidth floor (a decode step reads every weight once, so rank r can be no faster
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_line  # noqa: E402
 from server.runner import ModelRunner  # noqa: E402
 from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
-from trainer.kernels import resolve_small_gemm, use_small_gemm  # noqa: E402
+from trainer.kernels import resolve_gemm, use_gemm  # noqa: E402
 from trainer.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 
 PROMPT = "Question: Ada has 12 apples and gets 7 more. How many apples does she have now?\nAnswer: "
@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--only", help="regex: measure only the variants whose name matches (rank 0 always)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--small-gemm", default="auto", choices=["auto", "on", "off", "both"])
+    ap.add_argument("--gemm", default="auto", choices=["auto", "standard", "weight-major", "packed"])
+    ap.add_argument("--vs-standard", action="store_true", help="also every variant with standard GEMMs")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -99,8 +100,8 @@ def main() -> None:
     R = adapter.config.ranks
     top = R[-1]
     mixed = [[0, *R][i % (len(R) + 1)] for i in range(args.batch)]
-    rows = resolve_small_gemm("on" if args.small_gemm == "both" else args.small_gemm, device, dtype)
-    # name → (row ranks, merged rank or None, fused, small-GEMM rows)
+    mode = resolve_gemm(args.gemm, device, dtype)
+    # name → (row ranks, merged rank or None, fused, GEMM mode)
     plain: dict[str, tuple[list[int], int | None, bool]] = {
         f"rank {k}": ([k] * args.batch, None, False) for k in [0, *R]}
     plain["mixed (all ranks)"] = (mixed, None, False)
@@ -111,9 +112,9 @@ def main() -> None:
     for k in (0, 1, top):
         plain[f"rank {k} (fused)"] = ([k] * args.batch, None, True)
     plain["mixed (all ranks) (fused)"] = (mixed, None, True)
-    variants = {name: (*v, rows) for name, v in plain.items()}
-    if args.small_gemm == "both":
-        variants |= {f"{name} [F.linear]": (*v, 0) for name, v in plain.items()}
+    variants = {name: (*v, mode) for name, v in plain.items()}
+    if args.vs_standard:
+        variants |= {f"{name} [F.linear]": (*v, "standard") for name, v in plain.items()}
 
     if args.only:
         variants = {n: v for n, v in variants.items() if re.match(r"rank 0( \(fused\))?( \[F.linear\])?$", n)
@@ -123,9 +124,9 @@ def main() -> None:
     for rep in range(args.reps + 1):  # the first round warms up and is dropped
         order = list(variants.items())
         random.Random(rep).shuffle(order)
-        for name, (ranks, merged, fused, small_rows) in order:
+        for name, (ranks, merged, fused, gemm) in order:
             adapter.fuse() if fused else adapter.unfuse()
-            use_small_gemm(model, small_rows)
+            use_gemm(model, gemm)
             t0 = time.perf_counter()
             runner.remerge(0 if merged is None else merged)  # 0: the plain base weights (unmerged)
             remerge_s.append(time.perf_counter() - t0)
@@ -146,15 +147,14 @@ def main() -> None:
     print(machine_line())
     print(f"# device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
     print(f"# model {args.model}, adapter r={args.rank} on {len(adapter.layers)} modules, batch {args.batch}, "
-          f"{args.steps} decode steps, {args.reps} interleaved reps; small-GEMM {args.small_gemm}: "
-          + (f"weight-major up to {rows} rows" if rows else "off"))
+          f"{args.steps} decode steps, {args.reps} interleaved reps; GEMMs {mode} (--gemm {args.gemm})")
     print("# 'rank 0' and 'merged@k, rank k' run the same computation (base-model cost): their gap is noise")
     print(f"{'variant':<38} {'best tok/s':>10} {'÷ rank 0':>9} {'median':>8} {'÷ rank 0':>9}")
     for name, v in med.items():
         b = base_of(name)
         print(f"{name:<38} {best[name]:10.1f} {best[name] / best[b]:9.3f} {v:8.1f} {v / med[b]:9.3f}")
-    if args.small_gemm == "both":
-        print("# weight-major ÷ standard (best): " + ", ".join(
+    if args.vs_standard:
+        print(f"# {mode} ÷ standard (best): " + ", ".join(
             f"{n} {best[n] / best[n + ' [F.linear]']:.2f}" for n in plain if n in best))
     print(f"# one re-merge (rebuild W0 + dW_k in {len(adapter.layers)} layers) took "
           f"{statistics.median(remerge_s[len(variants):]):.3f} s (median)")

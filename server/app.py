@@ -66,15 +66,15 @@ class AppState:
 
 def load_state(settings: ServerSettings) -> AppState:
     """The composition root, in named steps (blocking; seconds): model → adapter (in the model's
-    dtype) → kernels → merge policy → metrics → runner → calibration → controller → engine → serving."""
+    dtype) → kernels (GEMM mode, fusion) → merge policy → metrics → runner → calibration → controller → engine → serving."""
     model, tok, device = _setup_model(settings)
     adapter, meta = _setup_adapter(settings, model)
-    small_gemm_rows = _setup_kernels(settings, model, device)
+    gemm = _setup_kernels(settings, model, adapter, device)
     ranks = adapter.config.ranks if adapter else []
     auto_merge = _setup_merge(settings, adapter, ranks)
     metrics = _setup_metrics(settings, adapter, meta, ranks)
     runner = _setup_runner(settings, model, adapter, tok)
-    throughput = _setup_calibration(settings, runner, tok, meta, device, ranks, auto_merge, small_gemm_rows)
+    throughput = _setup_calibration(settings, runner, tok, meta, device, ranks, auto_merge, gemm)
     controller = _setup_controller(settings, metrics, throughput, ranks, auto_merge)
     context = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", tok.model_max_length))
     engine = _setup_engine(settings, runner, tok, context, ranks, controller, metrics, auto_merge)
@@ -103,8 +103,6 @@ def _setup_adapter(settings: ServerSettings, model):
     if model.dtype != torch.float32:  # no autocast when serving: the adapter runs in the base dtype
         for layer in adapter.layers.values():
             layer.to(model.dtype)
-    if settings.fuse:  # after the dtype cast: fused weights are views that a later .to() would break
-        adapter.fuse()
     return adapter, meta
 
 
@@ -117,16 +115,24 @@ def _setup_runner(settings: ServerSettings, model, adapter, tok) -> ModelRunner:
     return runner
 
 
-def _setup_kernels(settings: ServerSettings, model, device) -> int:
-    """Decode-shaped GEMMs weight-major where measured faster (:mod:`trainer.kernels`); after the
-    adapter, whose modules it switches too. Returns the row limit (0: off)."""
-    from trainer.kernels import resolve_small_gemm, use_small_gemm
+def _setup_kernels(settings: ServerSettings, model, adapter, device) -> str:
+    """Linears computed the way measured fastest here (:mod:`trainer.kernels`), siblings fused
+    where ``--fuse`` says (auto: with packed GEMMs); after the adapter's dtype cast (fused weights
+    are views that a later ``.to()`` would break). Returns the GEMM mode."""
+    from trainer.kernels import resolve_gemm, use_gemm
 
-    rows = resolve_small_gemm(settings.small_gemm, device, model.dtype)
-    n = use_small_gemm(model, rows)
-    log.info("small-GEMM %s (%s)", f"weight-major up to {rows} rows in {n} linears" if rows else "off",
-             settings.small_gemm)
-    return rows
+    mode = resolve_gemm(settings.gemm, device, model.dtype)
+    if adapter is not None and fused(settings, mode):
+        adapter.fuse()
+    n = use_gemm(model, mode)
+    log.info("GEMMs %s in %d linears (--gemm %s), siblings %s", mode, n, settings.gemm,
+             "fused" if adapter is not None and adapter.groups else "apart")
+    return mode
+
+
+def fused(settings: ServerSettings, gemm: str) -> bool:
+    """What ``--fuse`` means with this GEMM mode."""
+    return settings.fuse == "true" or (settings.fuse == "auto" and gemm == "packed")
 
 
 def _setup_merge(settings: ServerSettings, adapter, ranks: list[int]) -> AutoMerge | None:
@@ -153,14 +159,14 @@ def _setup_metrics(settings: ServerSettings, adapter, meta: dict, ranks: list[in
 
 
 def _setup_calibration(settings: ServerSettings, runner: ModelRunner, tok, meta: dict, device, ranks: list[int],
-                       auto_merge: AutoMerge | None, small_gemm_rows: int) -> dict[int, float]:
+                       auto_merge: AutoMerge | None, gemm: str) -> dict[int, float]:
     from trainer.models import cache_dir
 
     if runner.adapter is None or settings.calibrate_steps <= 0:
         return {}
     prompt = tok("Question: how many apples are left?\nAnswer: ")["input_ids"]
     throughput = calibrate(runner, prompt, [0, *ranks], settings.max_batch_size, settings.calibrate_steps,
-                           cache_dir(), cache_key(settings, meta, device, runner.model.dtype, small_gemm_rows),
+                           cache_dir(), cache_key(settings, meta, device, runner.model.dtype, gemm),
                            same_cost=auto_merge is not None)
     log.info("measured decode tokens/s per rank at batch %d: %s", settings.max_batch_size, throughput)
     return throughput

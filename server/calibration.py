@@ -70,8 +70,8 @@ def calibrate(runner, prompt_ids: list[int], ranks: list[int], batch: int, steps
     return table
 
 
-def cache_key(settings, meta: dict, device, dtype, small_gemm_rows: int = 0) -> dict:
+def cache_key(settings, meta: dict, device, dtype, gemm: str = "standard") -> dict:
     """What a measurement depends on: a change to any of these measures again."""
     return {"model": settings.model, "adapter": meta.get("adapter_sha256"), "device": str(device),
             "dtype": str(dtype), "batch": settings.max_batch_size, "steps": settings.calibrate_steps,
-            "merge_rank": settings.merge_rank, "fuse": settings.fuse, "small_gemm_rows": small_gemm_rows}
+            "merge_rank": settings.merge_rank, "fuse": settings.fuse, "gemm": gemm}

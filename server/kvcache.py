@@ -180,12 +180,15 @@ class MixedCache(Cache):
 
 def mixed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The attention of a :class:`MixedCache` forward: query ``(1, Hq, B + n, D)`` →
-    ``(1, B + n, Hq, D)``. Any other forward goes to transformers' SDPA attention unchanged.
+    ``(1, B + n, Hq, D)``; of a decode step under grouped-query attention, :func:`_decode_attention`.
+    Any other forward goes to transformers' SDPA attention unchanged.
 
     With grouped-query attention (Hq = g·Hkv) the g query heads that share a KV head are folded
     into the query length — rows ``(B, Hkv, g, D)``, the piece ``(1, Hkv, g·n, D)`` — so each KV
     head is read once for its g heads (measured ~25% faster here than SDPA's ``enable_gqa``)."""
     if not isinstance(key, MixedKV):
+        if query.shape[2] == 1 and query.shape[1] != key.shape[1] and not dropout:
+            return _decode_attention(query, key, value, attention_mask, scaling)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -204,7 +207,23 @@ def mixed_attention(module, query, key, value, attention_mask, dropout: float = 
     return out.transpose(1, 2).contiguous(), None  # (1, B + n, Hq, D)
 
 
+def _decode_attention(query, key, value, attention_mask, scaling):
+    """One query per row (a decode step) under grouped-query attention: the g query heads of a
+    KV head as g queries of one head, ``(B, Hq, 1, D)`` → ``(B, Hkv, g, D)``, under the rows'
+    mask ``(B, 1, 1, L)``. SDPA's ``enable_gqa`` runs B·Hq one-query problems instead; measured
+    here (bf16, 16 rows × 150 keys, SmolLM2's 9 heads on 3) 1.57 ms → 0.33 ms a layer."""
+    b, hq, _, d = query.shape
+    hkv, L = key.shape[1], key.shape[-2]
+    mask = None if attention_mask is None else attention_mask[:, :, :, :L]
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, hkv, hq // hkv, d), key, value,
+                                                           attn_mask=mask, scale=scaling)  # (B, Hkv, g, D)
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None  # (B, 1, Hq, D)
+
+
 def register_mixed_attention() -> None:
+    """Our attention (and SDPA's masks) under the name :data:`MIXED_ATTENTION`."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(MIXED_ATTENTION, mixed_attention)
+    AttentionMaskInterface.register(MIXED_ATTENTION, sdpa_mask)

@@ -23,6 +23,7 @@ its own rank, which never changes while the row runs; nothing is shared between 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ class ModelRunner:
         self.batch = Batch()
         self._coeff_key: tuple[int, ...] | None = None
         contiguous_head_input(model)  # a prefill's last positions: one GEMM, not a bmm over weight copies
+        # where the model runs SDPA, forwards run under our attention: SDPA too, but decode steps
+        # fold grouped-query heads (kvcache._decode_attention) and mixed steps split (mixed_attention)
+        self._attention = MIXED_ATTENTION if model.config._attn_implementation == "sdpa" else None
+        if self._attention:
+            register_mixed_attention()
         self.mixed = False  # decode_with_piece available (enable_mixed(): checked on a probe)
 
     # -- adapter coefficients ----------------------------------------------------------------------
@@ -110,9 +116,21 @@ class ModelRunner:
 
     def _forward(self, ids, mask, positions, cache, ranks: list[int]) -> torch.Tensor:
         self._use_ranks(ranks)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        with self._attention_as(self._attention):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1]  # (B, V)
+
+    @contextlib.contextmanager
+    def _attention_as(self, name: str | None):
+        """The model's attention implementation set to ``name`` (None: as it is) for one forward."""
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = name or before
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     # -- the three operations ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -246,14 +264,9 @@ class ModelRunner:
             self.adapter.set_coeffs(torch.cat([rows, piece_c])[None])  # (1, B + n, r)
             self._coeff_key = None
         keep = torch.tensor([*range(B), B + e - a - 1], device=self.device)  # the rows, the piece's last token
-        config = self.model.config
-        before = config._attn_implementation
-        config._attn_implementation = MIXED_ATTENTION
-        try:
+        with self._attention_as(MIXED_ATTENTION):
             out = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions, use_cache=True,
                              logits_to_keep=keep, **{self._cache_kw: cache})
-        finally:
-            config._attn_implementation = before
         logits = out.logits[0]  # (B + 1, V)
         b.mask, b.positions = mask, b.positions + 1
         part.cache, part.done = piece, e

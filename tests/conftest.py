@@ -16,7 +16,7 @@ from server.engine import Engine, EngineConfig, Event, GenerationRequest
 from server.runner import ModelRunner
 from trainer.data import demo_records
 from trainer.inject import AdapterConfig, NestedAdapter
-from trainer.kernels import use_small_gemm
+from trainer.kernels import gemm_mode, use_gemm
 
 REPO = Path(__file__).resolve().parents[1]
 # GSM8K lives beside the checkout (../shared); MLORA_GSM8K_DIR overrides, /work/shared is the
@@ -103,7 +103,7 @@ def setup(tiny_model_dir):
         for layer in adapter.layers.values():
             layer.lora_Bt.normal_(std=0.3)  # strong enough that every rank answers differently
     adapter.fuse()  # the fused path (server --fuse true) under the engine tests; reference() runs unfused
-    use_small_gemm(model)  # decode-sized linears weight-major (server --small-gemm on); reference() runs F.linear
+    use_gemm(model, "packed")  # oneDNN-packed weights (server --gemm packed); reference() runs F.linear
     return model, tok, adapter
 
 
@@ -117,12 +117,12 @@ def make_engine(setup, **cfg) -> Engine:
 def reference(setup, prompt_ids: list[int], rank: int, n: int) -> tuple[list[int], list[torch.Tensor]]:
     """One request alone, the plain way: full forward over the whole sequence at each step, every
     adapted module its own three ops, every linear ``F.linear`` (unfused and standard-layout, even
-    where the engine under test runs fused and weight-major)."""
+    where the engine under test runs fused and packed)."""
     model, tok, adapter = setup
     fused = bool(adapter.groups)
-    rows = next(m.small_gemm_rows for m in adapter.layers.values())
+    mode = gemm_mode(model)
     adapter.unfuse()
-    use_small_gemm(model, 0)
+    use_gemm(model, "standard")
     adapter.set_rank(rank)
     ids, steps = list(prompt_ids), []
     try:
@@ -137,7 +137,7 @@ def reference(setup, prompt_ids: list[int], rank: int, n: int) -> tuple[list[int
     finally:
         if fused:
             adapter.fuse()
-        use_small_gemm(model, rows)
+        use_gemm(model, mode)
     return ids[len(prompt_ids):], steps
 
 

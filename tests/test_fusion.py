@@ -110,14 +110,23 @@ def test_fusion_needs_one_dtype(tiny_model_dir):
         FusedGroup([q, k])
 
 
+def test_fuse_auto_fuses_exactly_where_gemms_are_packed():
+    from server.app import fused
+    from server.settings import ServerSettings
+
+    assert fused(ServerSettings(), "packed") and not fused(ServerSettings(), "standard")
+    assert not fused(ServerSettings(), "weight-major")
+    assert fused(ServerSettings(fuse="true"), "standard") and not fused(ServerSettings(fuse="false"), "packed")
+
+
 def test_the_server_fuses_on_request_and_serves_the_same_logits(tiny_model_dir, tiny_checkpoint):
     """``--fuse true`` fuses the loaded checkpoint after its dtype cast; every rank's logits equal
-    the default (unfused) server's."""
+    an unfused server's."""
     from server.app import load_state
     from server.settings import ServerSettings
 
-    states = {f: load_state(ServerSettings(model=str(tiny_model_dir), adapter=str(tiny_checkpoint), fuse=f,
-                                           calibrate_steps=0)) for f in (False, True)}
+    states = {f == "true": load_state(ServerSettings(model=str(tiny_model_dir), adapter=str(tiny_checkpoint), fuse=f,
+                                                     calibrate_steps=0)) for f in ("false", "true")}
     runners = {f: st.engine.runner for f, st in states.items()}
     assert not runners[False].adapter.groups and runners[True].adapter.groups
     prompt = [[5, 9, 12, 7]]

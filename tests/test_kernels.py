@@ -1,4 +1,5 @@
-"""Weight-major decode GEMMs (trainer.kernels): the same function as F.linear, switched per model."""
+"""The CPU's GEMM modes (trainer.kernels), weight-major and oneDNN-packed: the same function as
+F.linear, switched per model, a packed copy rebuilt whenever its weight is written."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from conftest import logits, trained_adapter
 from trainer import kernels
-from trainer.kernels import MAX_ROWS, SmallGemmLinear, linear, resolve_small_gemm, use_small_gemm
+from trainer.kernels import MAX_ROWS, GemmLinear, PackedWeight, gemm_mode, linear, resolve_gemm, use_gemm
 
 ATOL = 1e-5  # fp32: W·xᵀ sums the same products as x·Wᵀ, in another blocking order
 
@@ -45,8 +46,36 @@ def test_gradients_flow_through_the_weight_major_path():
     torch.testing.assert_close(gw, w.grad, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 24), (16, 24), (2, 3, 24), (200, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_is_f_linear_at_every_row_count(shape, bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    w, b = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen) if bias else None
+    with torch.no_grad():
+        y = linear(x, w, b, packed=PackedWeight())
+    assert y.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=ATOL)
+
+
+def test_a_packed_weight_is_rebuilt_when_the_weight_is_written_and_skipped_for_gradients():
+    w, x, packed = torch.randn(8, 16), torch.randn(3, 16), PackedWeight()
+    with torch.no_grad():
+        first = linear(x, w, packed=packed)
+        w.mul_(2)  # in place, as a merge writes W0 + ΔW
+        torch.testing.assert_close(linear(x, w, packed=packed), 2 * first, rtol=0, atol=ATOL)
+        torch.testing.assert_close(linear(x, w[:5], packed=packed), F.linear(x, w[:5]), rtol=0, atol=ATOL)
+    with torch.inference_mode():
+        frozen = torch.randn(8, 16)  # an inference tensor keeps no version: never packed, computed standard
+        assert packed.of(frozen) is None and torch.equal(linear(x, frozen, packed=packed), F.linear(x, frozen))
+    wg = w.clone().requires_grad_()
+    linear(x, wg, packed=packed).sum().backward()  # training: the standard path, with its gradient
+    torch.testing.assert_close(wg.grad, x.sum(0).expand(8, 16), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["weight-major", "packed"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_switched_model_computes_the_same_logits_at_every_rank(tiny_model_dir, fused):
+def test_switched_model_computes_the_same_logits_at_every_rank(tiny_model_dir, fused, mode):
     model, _, adapter = trained_adapter(tiny_model_dir)
     if fused:
         adapter.fuse()
@@ -59,8 +88,8 @@ def test_switched_model_computes_the_same_logits_at_every_rank(tiny_model_dir, f
     adapter.set_row_ranks([8, 0, 2])
     before["mixed"] = (logits(model, decode),)
     keys = set(model.state_dict())
-    n = use_small_gemm(model)
-    assert n == 2 * 7 + 1  # every base linear of 2 decoder layers, and lm_head
+    n = use_gemm(model, mode)
+    assert n == 2 * 7 + 1 and gemm_mode(model) == mode  # every base linear of 2 decoder layers, and lm_head
     assert keys == set(model.state_dict())  # the same parameters under the same names
     for k in [0, *adapter.config.ranks]:
         adapter.set_rank(k)
@@ -71,44 +100,71 @@ def test_switched_model_computes_the_same_logits_at_every_rank(tiny_model_dir, f
     torch.testing.assert_close(logits(model, decode), before["mixed"][0], rtol=0, atol=ATOL)
 
 
-def test_switching_off_restores_plain_linears(tiny_model_dir):
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_weights_follow_a_re_merge(tiny_model_dir, fused):
+    """A merge writes W in place; the packed copies must follow it (else every rank after the
+    first re-merge computes with the old weights)."""
     model, _, adapter = trained_adapter(tiny_model_dir)
-    use_small_gemm(model)
-    assert type(model.lm_head) is SmallGemmLinear and model.lm_head.small_gemm_rows == MAX_ROWS
+    if fused:
+        adapter.fuse()
+    decode = torch.tensor([[5], [9], [11]])
+    want = {}
+    for k in adapter.config.ranks:
+        adapter.remerge(k)
+        want[k] = logits(model, decode)
+    use_gemm(model, "packed")
+    for k in [*adapter.config.ranks[::-1], 1]:
+        adapter.remerge(k)
+        torch.testing.assert_close(logits(model, decode), want[k], rtol=0, atol=ATOL, msg=lambda m: f"rank {k}: {m}")
+
+
+def test_switching_back_restores_plain_linears(tiny_model_dir):
+    model, _, adapter = trained_adapter(tiny_model_dir)
+    use_gemm(model, "weight-major")
+    assert type(model.lm_head) is GemmLinear and model.lm_head.small_gemm_rows == MAX_ROWS
     assert all(layer.small_gemm_rows == MAX_ROWS for layer in adapter.layers.values())
-    use_small_gemm(model, 0)
-    assert not any(isinstance(m, SmallGemmLinear) for m in model.modules())
-    assert type(model.lm_head) is nn.Linear and "small_gemm_rows" not in model.lm_head.__dict__
-    assert all(layer.small_gemm_rows == 0 for layer in adapter.layers.values())
+    use_gemm(model, "packed")
+    assert model.lm_head.small_gemm_rows == 0 and model.lm_head.packed is not None
+    assert all(layer.small_gemm_rows == 0 and layer.packed is not None for layer in adapter.layers.values())
+    use_gemm(model, "standard")
+    assert not any(isinstance(m, GemmLinear) for m in model.modules())
+    assert type(model.lm_head) is nn.Linear and not {"small_gemm_rows", "packed"} & set(model.lm_head.__dict__)
+    assert all(layer.small_gemm_rows == 0 and layer.packed is None for layer in adapter.layers.values())
+    with pytest.raises(ValueError, match="standard, weight-major, packed; got 'fast'"):
+        use_gemm(model, "fast")
 
 
 def test_modes_resolve_without_probing_where_the_answer_is_known(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "_time_gemms", lambda *a, **k: pytest.fail("probed"))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_small_gemm("on", cpu, torch.float32, tmp_path) == MAX_ROWS
-    assert resolve_small_gemm("off", cpu, torch.float32, tmp_path) == 0
-    assert resolve_small_gemm("auto", cuda, torch.bfloat16, tmp_path) == 0  # cuBLAS needs no help
-    with pytest.raises(ValueError, match="auto, on or off; got 'fast'"):
-        resolve_small_gemm("fast", cpu, torch.float32, tmp_path)
+    for mode in ("standard", "weight-major", "packed"):
+        assert resolve_gemm(mode, cpu, torch.float32, tmp_path) == mode
+    assert resolve_gemm("auto", cuda, torch.bfloat16, tmp_path) == "standard"  # cuBLAS needs no help
+    with pytest.raises(ValueError, match="auto, standard, weight-major, packed; got 'fast'"):
+        resolve_gemm("fast", cpu, torch.float32, tmp_path)
 
 
-def test_the_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
+def test_the_probe_is_measured_once_cached_and_picks_the_fastest(tmp_path, monkeypatch):
     calls = []
 
-    def fake(dtype, max_rows, reps=3):
-        calls.append(max_rows)
-        return 2.0 if max_rows == 0 else 1.0  # standard twice as slow
+    def fake(dtype, mode, reps=3):
+        calls.append(mode)
+        return {"standard": 3.0, "weight-major": 2.0, "packed": 1.5}[mode]
     monkeypatch.setattr(kernels, "_time_gemms", fake)
     cpu = torch.device("cpu")
-    assert resolve_small_gemm("auto", cpu, torch.float32, tmp_path) == MAX_ROWS
-    assert resolve_small_gemm("auto", cpu, torch.float32, tmp_path) == MAX_ROWS
-    assert calls == [0, MAX_ROWS]  # the second answer came from the cache
-    cached = json.loads((tmp_path / "small-gemm-probe.json").read_text())
-    assert list(cached.values()) == [2.0]
+    assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "packed"
+    assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "packed"
+    assert calls == ["standard", "weight-major", "packed"]  # the second answer came from the cache
+    path = tmp_path / "gemm-probe.json"
+    cached = json.loads(path.read_text())
+    assert list(cached.values()) == [{"weight-major": 1.5, "packed": 2.0}]
     key = next(iter(cached))
-    cached[key] = 1.0  # a CPU where it does not pay: kept standard
-    (tmp_path / "small-gemm-probe.json").write_text(json.dumps(cached))
-    assert resolve_small_gemm("auto", cpu, torch.float32, tmp_path) == 0
+    cached[key] = {"weight-major": 1.2, "packed": 0.9}  # a CPU where packing does not pay
+    path.write_text(json.dumps(cached))
+    assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "weight-major"
+    cached[key] = {"weight-major": 1.05, "packed": 0.9}  # nor either: kept standard
+    path.write_text(json.dumps(cached))
+    assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "standard"
 
 
 def test_a_batched_prefill_computes_the_head_as_one_gemm_not_a_bmm_over_weight_copies(tiny_model_dir):

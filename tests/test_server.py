@@ -293,7 +293,7 @@ def test_replicas_downshift_together_through_a_real_prometheus(tiny_model_dir, t
     (["--merge-rank", "top"], "--merge-rank takes 'auto' or an integer rank, got 'top'"),
     (["--default-rank", "16"], "--default-rank 16 is not a rank of this adapter"),
     (["--max-batch-size", "0"], "--max-batch-size: Input should be greater than or equal to 1"),
-    (["--fuse", "maybe"], "--fuse: Input should be a valid boolean"),
+    (["--fuse", "maybe"], "--fuse: Input should be 'auto', 'true' or 'false'"),
     (["--prefill-chunk-tokens", "-1"], "--prefill-chunk-tokens: Input should be greater than or equal to 0"),
 ])
 def test_bad_settings_exit_2_before_any_model_loads(tiny_checkpoint, capsys, args, message):
@@ -309,7 +309,7 @@ def test_every_setting_has_one_flag_and_the_flags_parse(tiny_checkpoint):
 
     assert sorted(name for name, _ in FLAGS.values()) == sorted(ServerSettings.model_fields)
     s = settings_from_args(["--fuse", "false", "--prefill-chunk-tokens", "0"])
-    assert s.fuse is False and s.prefill_chunk_tokens == 0
+    assert s.fuse == "false" and s.prefill_chunk_tokens == 0
 
 
 def test_merge_without_an_adapter_is_refused(capsys):

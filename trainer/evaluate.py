@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from trainer.aurac import aurac, log_aurac
 from trainer.checkpoint import atomic_write_bytes, atomic_write_json, load_adapter, read_meta, update_meta
 from trainer.data import GSM8K_PROMPT, IGNORE, DataError, Example, collate, read_jsonl, tokenize
-from trainer.kernels import resolve_small_gemm, use_small_gemm
+from trainer.kernels import resolve_gemm, use_gemm
 from trainer.models import load_model, resolve_device, resolve_dtype
 from trainer.plot import plot_rank_curves
 from trainer.train import token_loss_sum
@@ -398,7 +398,7 @@ def run_eval(cfg: EvalConfig, command: list[str] | None = None) -> dict:
         model_name = cfg.model or meta["base_model"]["name"]
         model, tok = load_model(model_name, device, dtype)
         adapter, _ = load_adapter(ckpt, model, cfg.inference_rule)
-        use_small_gemm(model, resolve_small_gemm("auto", device, dtype))  # greedy decoding: few rows per step
+        use_gemm(model, resolve_gemm("auto", device, dtype))  # greedy decoding: few rows per step
         encoded = encode(task, tok)
         per_rank: dict[int, dict] = {}
         for k in [0, *rks]:

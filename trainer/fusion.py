@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.kernels import linear
+from trainer.kernels import PackedWeight, linear
 from trainer.nested import NestedLoRALinear
 
 
@@ -88,6 +88,7 @@ class FusedGroup:
             m.lora_A = nn.Parameter(a_rows[:, g], requires_grad=False)  # (r, in), row stride G·in
             m.group = self
         self.weight, self.bias = weight, bias
+        self._packed = PackedWeight()  # used once the members are switched to packed GEMMs (trainer.kernels)
         self._ptrs = [(m.base.weight.data_ptr(), m.lora_A.data_ptr()) for m in members]
         self._bd: torch.Tensor | None = None
         self._bd_key: tuple[int, ...] | None = None
@@ -107,17 +108,25 @@ class FusedGroup:
             self._x = None  # hold no activation past the layer
         return out
 
+    def _linear(self, x: torch.Tensor, rows: int, small: int, packed) -> torch.Tensor:
+        """The first ``rows`` rows of the fused weight times x: (..., rows). Packed, one copy of
+        the whole weight serves every rank (its unused A rows cost G·(r − n) of T + G·r outputs)."""
+        if packed is not None:
+            return linear(x, self.weight, self.bias, packed=packed)[..., :rows]
+        return linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows], small)
+
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         self._check_views()
         state = self.members[0].state
         c, T, G = state.coeffs, self.T, len(self.members)
         small = self.members[0].small_gemm_rows
+        packed = self._packed if self.members[0].packed is not None and not torch.is_grad_enabled() else None
         if c is None:  # every adapter off: the base rows alone
-            z = linear(x, self.weight[:T], None if self.bias is None else self.bias[:T], small)  # (..., T)
+            z = self._linear(x, T, small, packed)  # (..., T)
             return [z[..., sl] for sl in self.slices]
         n = c.shape[-1]
         rows = T + G * n
-        z = linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows], small)  # (..., T + G n)
+        z = self._linear(x, rows, small, packed)  # (..., T + G n)
         y, h = z[..., :T], z[..., T:]  # (..., T), (..., G n)
         alpha = state.uniform
         if alpha is None:  # c_j scales component j of every member: (..., n, G) ⊙ (n, 1)

@@ -1,21 +1,25 @@
-"""Decode-shaped GEMMs on the CPU: a linear of a few rows computed weight-major.
+"""The CPU's GEMMs for serving: a linear computed the way this CPU's BLAS runs fastest.
 
-A decode step multiplies every weight by a handful of rows (one token per running request)::
+A decode step multiplies every weight by a handful of rows (one token per running request); a
+prefill by hundreds. Three ways to compute the same ``y = x Wᵀ + b``::
 
-    standard      y = x Wᵀ            x (rows, in), W (out, in)      F.linear / addmm
-    weight-major  y = (W xᵀ)ᵀ         the same product, W on the left; y is a transposed view
+    standard      F.linear(x, W, b)            x (rows, in), W (out, in) as stored
+    weight-major  (W xᵀ)ᵀ for ≤ MAX_ROWS rows  the same product, W on the left; y a transposed view
+    packed        oneDNN's matmul on W reordered once into its blocked layout (a cached copy,
+                  rebuilt when W is written: merge, re-merge), every row count
 
-Both are one GEMM on the same memory, but MKL chooses its kernel by the operands' layout, and for
-few rows the weight-major call streams W far better. Measured on an AVX2 EPYC (2 threads, fp32,
-weights out of cache as in a real step): SmolLM2-135M's 210 decoder linears at 8 rows take
-132 ms standard, 75 ms weight-major (a plain read of the same 425 MB takes 29 ms); its
-49152×576 lm_head at 8 rows 41 ms → 17 ms; at 64 rows 95 → 54 ms; from ~128 rows (prefill)
-the two are even. So rows ≤ :data:`MAX_ROWS` go weight-major, more rows standard.
+The BLAS picks its kernel by the operands' layout, and for few rows a plain-layout W is streamed
+badly. Measured (2 threads, weights out of cache as in a real step): on an AVX2 EPYC in fp32,
+SmolLM2-135M's 210 decoder linears at 8 rows took 132 ms standard, 75 ms weight-major; on an
+AVX-512 EPYC in bf16, 24 MLP weights (576→1536) at 16 rows 5.2 ms standard, 5.1 weight-major,
+2.9 packed (14 GB/s: the memory's speed), at 512 rows 59 / 62 / 55 ms; its 49152×576 head at 16
+rows 6.5 → 3.7 ms. Packing costs one more copy of the weights in memory.
 
-Whether it pays is a property of the CPU and its BLAS, not assumed: :func:`small_gemm_speedup`
-times both on a decode-sized shape once per CPU, torch version, dtype and thread count and caches
-the ratio (as :func:`trainer.models.cpu_bf16_speedup` does for the dtype); :func:`use_small_gemm`
-switches a model's linears over. Off by default (training, CUDA): cuBLAS needs no help.
+Which pays is a property of the CPU and its BLAS, not assumed: :func:`gemm_speedups` times each
+on a decode-sized shape once per CPU, torch version, dtype and thread count and caches the
+ratios (as :func:`trainer.models.cpu_bf16_speedup` does for the dtype); :func:`resolve_gemm`
+picks the fastest, :func:`use_gemm` switches a model's linears over. Training keeps ``standard``
+(a packed weight has no gradient); CUDA too: cuBLAS needs no help.
 """
 
 from __future__ import annotations
@@ -30,12 +34,42 @@ from torch import nn
 
 MAX_ROWS = 64  # rows (tokens) up to which a linear is computed weight-major once switched on
 MIN_SPEEDUP = 1.1  # the probe's ratio below which the standard layout is kept
+GemmMode = Literal["standard", "weight-major", "packed"]
+MODES: tuple[GemmMode, ...] = ("standard", "weight-major", "packed")
+
+
+class PackedWeight:
+    """One weight in oneDNN's blocked layout, cached, rebuilt when the weight is written (its
+    version counter moves) or replaced. A weight whose writes cannot be seen (an inference-mode
+    tensor keeps no version) is never packed: :meth:`of` returns None and the caller goes standard."""
+
+    __slots__ = ("_key", "_packed")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._packed: torch.Tensor | None = None
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor | None:
+        try:
+            key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight._version)
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return None
+        if key != self._key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._key = key
+        return self._packed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           max_rows: int = 0) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; weight-major when x has at most ``max_rows`` rows."""
+           max_rows: int = 0, packed: PackedWeight | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: from ``packed`` when given (and no gradient is wanted),
+    weight-major when x has at most ``max_rows`` rows, else standard."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if packed is not None and rows and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        w = packed.of(weight)
+        if w is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), w, bias, "none", [], "")
+            return y.view(*x.shape[:-1], weight.shape[0])
     if rows == 0 or rows > max_rows:
         return F.linear(x, weight, bias)
     y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()  # (out, rows) → a (rows, out) view
@@ -58,71 +92,98 @@ def contiguous_head_input(model: nn.Module) -> bool:
     return True
 
 
-class SmallGemmLinear(nn.Linear):
-    """An ``nn.Linear`` whose few-row calls go weight-major (same parameters, same state dict)."""
+class GemmLinear(nn.Linear):
+    """An ``nn.Linear`` computed by :func:`linear` (same parameters, same state dict)."""
 
     small_gemm_rows: int = 0
+    packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.small_gemm_rows)
+        return linear(x, self.weight, self.bias, self.small_gemm_rows, self.packed)
 
 
-def use_small_gemm(model: nn.Module, max_rows: int = MAX_ROWS) -> int:
+def use_gemm(model: nn.Module, mode: GemmMode = "weight-major") -> int:
     """Compute every linear of ``model`` (plain ``nn.Linear``, nested adapters' ``A``, fused
-    groups) weight-major for calls of at most ``max_rows`` rows; 0 switches back. Returns the
+    groups) the ``mode`` way; ``standard`` switches back to plain ``nn.Linear``. Returns the
     number of modules switched."""
     from trainer.nested import NestedLoRALinear
 
+    if mode not in MODES:
+        raise ValueError(f"GEMM mode must be one of {', '.join(MODES)}; got {mode!r}")
+    rows = MAX_ROWS if mode == "weight-major" else 0
     n = 0
     for m in model.modules():
-        if type(m) is nn.Linear or isinstance(m, SmallGemmLinear):
-            m.__class__ = SmallGemmLinear if max_rows else nn.Linear
-            if max_rows:
-                m.small_gemm_rows = max_rows
-            elif "small_gemm_rows" in m.__dict__:
-                del m.small_gemm_rows
+        if type(m) is nn.Linear or isinstance(m, GemmLinear):
+            for attr in ("small_gemm_rows", "packed"):
+                m.__dict__.pop(attr, None)
+            m.__class__ = nn.Linear if mode == "standard" else GemmLinear
+            if mode == "weight-major":
+                m.small_gemm_rows = rows
+            elif mode == "packed":
+                m.packed = PackedWeight()
             n += 1
         elif isinstance(m, NestedLoRALinear):
-            m.small_gemm_rows = max_rows
+            m.small_gemm_rows = rows
+            m.packed = PackedWeight() if mode == "packed" else None
     return n
 
 
-SmallGemm = Literal["auto", "on", "off"]
-SMALL_GEMM_HELP = (f"compute linears of at most {MAX_ROWS} rows (decode steps) weight-major, W·xᵀ, which MKL runs "
-                   "~1.4-1.8x faster on the CPUs measured; auto: on a CPU where a cached probe measures it "
-                   f"≥{MIN_SPEEDUP}x faster | on | off")
+def gemm_mode(model: nn.Module) -> GemmMode:
+    """The mode :func:`use_gemm` last set on ``model``."""
+    for m in model.modules():
+        if isinstance(m, GemmLinear):
+            return "packed" if m.packed is not None else "weight-major"
+    return "standard"
 
 
-def resolve_small_gemm(mode: str, device: torch.device, dtype: torch.dtype, cache: Path | None = None) -> int:
-    """The ``max_rows`` that ``mode`` means here: ``on`` → :data:`MAX_ROWS`, ``off`` → 0, ``auto`` →
-    :data:`MAX_ROWS` on a CPU where :func:`small_gemm_speedup` ≥ :data:`MIN_SPEEDUP`, else 0."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"small-GEMM mode must be auto, on or off; got {mode!r}")
-    if mode == "auto":
-        return MAX_ROWS if device.type == "cpu" and small_gemm_speedup(dtype, cache) >= MIN_SPEEDUP else 0
-    return MAX_ROWS if mode == "on" else 0
+Gemm = Literal["auto", "standard", "weight-major", "packed"]
+GEMM_HELP = (f"how linears are computed on the CPU: packed (oneDNN's blocked weight layout, a second copy of the "
+             f"weights; ~1.7x faster decode GEMMs measured in bf16 on AVX-512) | weight-major ((W xᵀ)ᵀ for at most "
+             f"{MAX_ROWS} rows; ~1.4-1.8x in fp32 on AVX2) | standard; auto: the fastest a cached probe measures "
+             f"here, if ≥{MIN_SPEEDUP}x standard")
 
 
-def small_gemm_speedup(dtype: torch.dtype = torch.float32, cache: Path | None = None) -> float:
-    """Standard ÷ weight-major time of 8-row GEMMs on 24 MLP-sized weights (576→1536, 85 MB in
-    fp32: out of cache, as in a decode step), on this CPU; cached per CPU model, torch version,
-    dtype and thread count (under ``cache``, default :func:`trainer.models.cache_dir`)."""
+def resolve_gemm(choice: str, device: torch.device, dtype: torch.dtype, cache: Path | None = None) -> GemmMode:
+    """The mode ``choice`` means here: itself, or for ``auto`` the fastest of :func:`gemm_speedups`
+    on a CPU where it is ≥ :data:`MIN_SPEEDUP` × standard, else ``standard`` (always on CUDA)."""
+    if choice not in ("auto", *MODES):
+        raise ValueError(f"GEMM mode must be auto, {', '.join(MODES)}; got {choice!r}")
+    if choice != "auto":
+        return choice
+    if device.type != "cpu":
+        return "standard"
+    speedups = gemm_speedups(dtype, cache)
+    best = max(speedups, key=speedups.get)
+    return best if speedups[best] >= MIN_SPEEDUP else "standard"
+
+
+def gemm_speedups(dtype: torch.dtype = torch.float32, cache: Path | None = None) -> dict[str, float]:
+    """Standard ÷ weight-major and ÷ packed time of 16-row GEMMs on 24 MLP-sized weights
+    (576→1536, 85 MB in fp32: out of cache, as in a decode step), on this CPU; cached per CPU
+    model, torch version, dtype and thread count (under ``cache``, default
+    :func:`trainer.models.cache_dir`)."""
     from trainer.models import cached_probe, cpu_model_name
 
     key = f"{cpu_model_name()}|torch {torch.__version__}|{dtype}|{torch.get_num_threads()} threads"
-    return cached_probe("small-gemm-probe.json", key,
-                        lambda: _time_gemms(dtype, max_rows=0) / _time_gemms(dtype, max_rows=MAX_ROWS), cache)
+
+    def measure() -> dict[str, float]:
+        standard = _time_gemms(dtype, "standard")
+        return {mode: standard / _time_gemms(dtype, mode) for mode in MODES[1:]}
+
+    return cached_probe("gemm-probe.json", key, measure, cache)
 
 
-def _time_gemms(dtype: torch.dtype, max_rows: int, reps: int = 3) -> float:
+def _time_gemms(dtype: torch.dtype, mode: GemmMode, reps: int = 3) -> float:
     gen = torch.Generator().manual_seed(0)
     ws = [torch.randn(1536, 576, generator=gen).to(dtype) for _ in range(24)]
-    x = torch.randn(8, 576, generator=gen).to(dtype)
+    x = torch.randn(16, 576, generator=gen).to(dtype)
+    packs = [PackedWeight() if mode == "packed" else None for _ in ws]
+    rows = MAX_ROWS if mode == "weight-major" else 0
     best = float("inf")
     with torch.no_grad():
         for _ in range(reps + 1):
             t0 = time.perf_counter()
-            for w in ws:
-                linear(x, w, max_rows=max_rows)
+            for w, p in zip(ws, packs):
+                linear(x, w, max_rows=rows, packed=p)
             best = min(best, time.perf_counter() - t0)
     return best

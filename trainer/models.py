@@ -87,8 +87,8 @@ def cpu_bf16_speedup(cache: Path | None = None) -> float:
     if not flags:
         return 0.0
     key = f"{cpu_model_name()}|{sorted(flags)}|torch {torch.__version__}|{torch.get_num_threads()} threads"
-    return cached_probe("bf16-probe.json", key, lambda: _time_matmul(torch.float32) / _time_matmul(torch.bfloat16),
-                        cache)
+    return float(cached_probe("bf16-probe.json", key,
+                              lambda: _time_matmul(torch.float32) / _time_matmul(torch.bfloat16), cache))
 
 
 def cpu_model_name() -> str:
@@ -99,17 +99,19 @@ def cpu_model_name() -> str:
         return "unknown"
 
 
-def cached_probe(filename: str, key: str, measure, cache: Path | None = None) -> float:
-    """``measure()``, once per ``key``: kept in the JSON file ``filename`` under ``cache`` (default
-    :func:`cache_dir`), written atomically; a read-only cache only costs the measurement next time."""
+def cached_probe(filename: str, key: str, measure, cache: Path | None = None):
+    """``measure()`` (a number, or a dict of numbers), once per ``key``: kept in the JSON file
+    ``filename`` under ``cache`` (default :func:`cache_dir`), written atomically; a read-only cache
+    only costs the measurement next time."""
     path = (cache or cache_dir()) / filename
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if key in known:
-        return float(known[key])
-    value = known[key] = round(measure(), 3)
+        return known[key]
+    value = measure()
+    value = known[key] = {k: round(v, 3) for k, v in value.items()} if isinstance(value, dict) else round(value, 3)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -220,6 +220,7 @@ class NestedLoRALinear(nn.Module):
         self._merged_c: torch.Tensor | None = None  # the coefficients merge() folded into W
         self.group = None  # a trainer.fusion.FusedGroup once fused for serving: it computes this output
         self.small_gemm_rows = 0  # calls of at most this many rows compute A x weight-major (trainer.kernels)
+        self.packed = None  # a trainer.kernels.PackedWeight: A x from oneDNN's layout of the whole A
         self.reset_parameters(a_init)
 
     def reset_parameters(self, a_init: str = "peft") -> None:
@@ -242,7 +243,10 @@ class NestedLoRALinear(nn.Module):
         n = c.shape[-1]
         # the full tensors when n = r: a slice would make backward zero-fill and copy a full gradient
         A, Bt = (self.lora_A, self.lora_Bt) if n == self.r else (self.lora_A[:n], self.lora_Bt[:n])
-        h = linear(x.to(A.dtype), A, max_rows=self.small_gemm_rows)  # (..., n)
+        if self.packed is not None and not torch.is_grad_enabled():  # one packed copy: all r rows, the first n kept
+            h = linear(x.to(A.dtype), self.lora_A, packed=self.packed)[..., :n]  # (..., n)
+        else:
+            h = linear(x.to(A.dtype), A, max_rows=self.small_gemm_rows)  # (..., n)
         alpha = self.state.uniform
         if alpha is None:  # scale the small (..., n) intermediate, not the (..., out) output
             if c.dim() == 2:  # one coefficient row per batch row: (rows, n) -> (rows, 1.., n)
