@@ -196,12 +196,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m server`` on 127.0.0.1 and a random port, in its own process."""
+    """``python -m server`` on 127.0.0.1 and a random port, in its own process; in fp32 unless
+    ``args`` name a ``--dtype``: the tests' in-process references are fp32, and ``--dtype auto``
+    serves bf16 on a CPU with native bf16 (tests/test_dtype.py covers that choice)."""
 
     def __init__(self, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        dtype = [] if "--dtype" in args else ["--dtype", "float32"]
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *dtype, *args]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})

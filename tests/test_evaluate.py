@@ -187,7 +187,7 @@ def test_eval_writes_json_csv_png_and_the_checkpoint_table(two_checkpoints, tmp_
     (a, b), data = two_checkpoints
     out = tmp_path / "results"
     assert main(["eval", str(a), str(b), "--data", str(data), "--max-new-tokens", "6", "--batch-size", "8",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--dtype", "float32", "--out", str(out), "--no-progress"]) == 0  # fp32: compared in-process below
     results = json.loads((out / "results.json").read_text())
     assert results["command"].startswith("trainer eval ") and "torch" in results["versions"]
     assert results["settings"]["n"] == 6 and results["settings"]["shots"] == 0
@@ -251,7 +251,7 @@ def test_nll_only_eval_of_a_held_out_tail(two_checkpoints, tmp_path, tiny_model_
     (a, _), data = two_checkpoints
     out = tmp_path / "held"
     assert main(["eval", str(a), "--data", str(data), "--skip", "4", "--no-generate", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--dtype", "float32", "--no-progress"]) == 0
     entry = json.loads((out / "results.json").read_text())["checkpoints"][0]
     assert entry["n"] == 2 and entry["skip"] == 4
     assert all(row["strict"] is None and row["flexible"] is None and row["generated_tokens"] == 0

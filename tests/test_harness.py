@@ -22,7 +22,8 @@ from trainer.evaluate import loglikelihood
 
 def harness(python: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run([python, "-m", "trainer", "eval", *args], cwd=tmp, capture_output=True, text=True,
+    dtype = [] if "--dtype" in args else ["--dtype", "float32"]  # the in-process references are fp32
+    proc = subprocess.run([python, "-m", "trainer", "eval", *dtype, *args], cwd=tmp, capture_output=True, text=True,
                           timeout=900, env={**env, **OFFLINE, "HF_HOME": str(tmp / "hf-home")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

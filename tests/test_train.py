@@ -21,7 +21,7 @@ from trainer.train import TrainConfig, train
 
 def run(tmp_path, tiny_model_dir, name, method="matryoshka", **kw) -> TrainConfig:
     opts = dict(model=str(tiny_model_dir), lr=5e-3, batch_size=4, max_length=64, limit=64,
-                max_steps=6, progress=False, out=str(tmp_path / name))
+                max_steps=6, progress=False, out=str(tmp_path / name), dtype="float32")  # exact comparisons: fp32
     opts.update(kw)
     cfg = TrainConfig(adapter=AdapterConfig(method=method, r=8), **opts)
     train(cfg)
@@ -201,7 +201,7 @@ def test_two_gloo_processes_reach_the_single_process_adapter(tmp_path, tiny_mode
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "trainer", "train", "--model", str(tiny_model_dir), "--rank", "8", "--lr", "5e-3",
-           "--batch-size", "2", "--max-length", "64", "--limit", "64", "--max-steps", "6",
+           "--batch-size", "2", "--max-length", "64", "--limit", "64", "--max-steps", "6", "--dtype", "float32",
            "--no-progress", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
