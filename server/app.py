@@ -107,11 +107,13 @@ def _setup_adapter(settings: ServerSettings, model):
 
 
 def _setup_runner(settings: ServerSettings, model, adapter, tok) -> ModelRunner:
-    """The model runner; with chunked prefill, pieces ride on decode steps where a probe shows
-    this model computes the same that way (``ModelRunner.enable_mixed``)."""
+    """The model runner; batched prompts prefilled unpadded, and chunked prefill's pieces riding on
+    decode steps, where a probe shows this model computes the same that way
+    (``ModelRunner.enable_mixed``)."""
     runner = ModelRunner(model, adapter, tok.pad_token_id)
-    if settings.prefill_chunk_tokens:
-        log.info("prefill pieces %s", "mixed into decode steps" if runner.enable_mixed() else "run separately")
+    exact = runner.enable_mixed()
+    log.info("batched prompts %s; prefill pieces %s", "unpadded" if exact else "padded",
+             "off" if not settings.prefill_chunk_tokens else "mixed into decode steps" if exact else "run separately")
     return runner
 
 

@@ -178,14 +178,69 @@ class MixedCache(Cache):
         return MixedKV(self, rk, pk), MixedKV(self, rv, pv)
 
 
+class RaggedKV:
+    """What :meth:`RaggedCache.update` hands the attention: one layer's K (or V) buffer of the new
+    rows, ``(b, Hkv, width + ROOM, D)``, prompt i right-aligned in row i."""
+
+    __slots__ = ("cache", "buf")
+
+    def __init__(self, cache: "RaggedCache", buf: torch.Tensor):
+        self.cache, self.buf = cache, buf
+
+
+class RaggedCache(Cache):
+    """New rows prefilled in one forward of their prompts end to end, ``(1, Σn)`` tokens, no
+    padding (a padded batch computes every row at the longest prompt's length)::
+
+        tokens  [ a₀ … a_{n₀-1} │ b₀ … b_{n₁-1} │ … ]
+        K, V    (1, Hkv, Σn, D) → prompt i right-aligned in row i of a (b, Hkv, width + ROOM, D)
+                                  buffer, zeros on its left: the left-padded layout a padded prefill
+                                  leaves, so the rows join the batch as they would from there
+
+    and each prompt attends causally to its own columns only (:func:`mixed_attention`)."""
+
+    def __init__(self, lengths: list[int]):
+        Cache.__init__(self, layers=[])
+        self.lengths, self.width = list(lengths), max(lengths)
+        self.starts = [sum(self.lengths[:i]) for i in range(len(self.lengths))]
+        self.batch = room_cache()  # the new rows' cache, a layer per update
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        bufs = []
+        for states in (key_states, value_states):  # (1, Hkv, Σn, D)
+            buf = states.new_zeros(len(self.lengths), states.shape[1], self.width + ROOM, states.shape[3])
+            for i, (o, n) in enumerate(zip(self.starts, self.lengths)):
+                buf[i, :, self.width - n:self.width].copy_(states[0, :, o:o + n])
+            bufs.append(buf)
+        w = self.width
+        self.batch.layers.append(RoomLayer.adopt(bufs[0][:, :, :w], bufs[1][:, :, :w], bufs[0], bufs[1]))
+        return RaggedKV(self, bufs[0]), RaggedKV(self, bufs[1])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # nothing cached before this forward: positions come from position_ids
+
+
+def _ragged_attention(query, key: RaggedKV, value: RaggedKV, scaling):
+    """Each prompt's queries ``(1, Hq, n, D)`` against its own K/V, causal: ``(1, Σn, Hq, D)``."""
+    cache, w = key.cache, key.cache.width
+    gqa = query.shape[1] != key.buf.shape[1]
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, o:o + n], key.buf[i:i + 1, :, w - n:w], value.buf[i:i + 1, :, w - n:w], is_causal=True,
+        scale=scaling, enable_gqa=gqa) for i, (o, n) in enumerate(zip(cache.starts, cache.lengths))]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
 def mixed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The attention of a :class:`MixedCache` forward: query ``(1, Hq, B + n, D)`` →
-    ``(1, B + n, Hq, D)``; of a decode step under grouped-query attention, :func:`_decode_attention`.
+    ``(1, B + n, Hq, D)``; of a :class:`RaggedCache` prefill, each prompt on its own; of a decode
+    step under grouped-query attention, :func:`_decode_attention`.
     Any other forward goes to transformers' SDPA attention unchanged.
 
     With grouped-query attention (Hq = g·Hkv) the g query heads that share a KV head are folded
     into the query length — rows ``(B, Hkv, g, D)``, the piece ``(1, Hkv, g·n, D)`` — so each KV
     head is read once for its g heads (measured ~25% faster here than SDPA's ``enable_gqa``)."""
+    if isinstance(key, RaggedKV):
+        return _ragged_attention(query, key, value, scaling)
     if not isinstance(key, MixedKV):
         if query.shape[2] == 1 and query.shape[1] != key.shape[1] and not dropout:
             return _decode_attention(query, key, value, attention_mask, scaling)

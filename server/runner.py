@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
-from server.kvcache import MIXED_ATTENTION, MixedCache, fork, register_mixed_attention, room_cache, select_rows, stack_left
+from server.kvcache import (MIXED_ATTENTION, MixedCache, RaggedCache, fork, register_mixed_attention, room_cache,
+                            select_rows, stack_left)
 from server.sampling import TokenLogprob
 from trainer.inject import NestedAdapter
 from trainer.kernels import contiguous_head_input
 
 log = logging.getLogger(__name__)
+RAGGED_MIN_PADDING = 0.1  # a batched prefill goes unpadded once padding would be this fraction of its tokens
 HEAD_CHUNK = 256  # prompt positions per lm_head call when scoring a prompt: (256, V) logits at a time
 
 
@@ -98,6 +100,7 @@ class ModelRunner:
         if self._attention:
             register_mixed_attention()
         self.mixed = False  # decode_with_piece available (enable_mixed(): checked on a probe)
+        self.ragged = False  # prefill of unequal prompts unpadded (enable_mixed(): checked on a probe)
 
     # -- adapter coefficients ----------------------------------------------------------------------
     def _use_ranks(self, ranks: list[int]) -> None:
@@ -141,6 +144,9 @@ class ModelRunner:
         alternatives, from the same forward (the decoder's hidden states through the head in
         chunks, never the whole (b, L, V) logits at once)."""
         width = max(len(p) for p in prompts)
+        scoring = prompt_logprobs and any(n is not None for n in prompt_logprobs)
+        if self.ragged and not scoring and sum(width - len(p) for p in prompts) >= RAGGED_MIN_PADDING * width * len(prompts):
+            return self._prefill_ragged(prompts, ranks)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (b, Lp)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -165,6 +171,29 @@ class ModelRunner:
         scored = [None if n is None else self._score_prompt(captured["h"][i, width - len(p):], p, n)
                   for i, (p, n) in enumerate(zip(prompts, prompt_logprobs))]
         return Prefilled(cache, mask, positions[:, -1] + 1, list(ranks), logits, scored)
+
+    def _prefill_ragged(self, prompts: list[list[int]], ranks: list[int]) -> Prefilled:
+        """:meth:`prefill` of several prompts as one unpadded sequence (:class:`RaggedCache`):
+        each token computed once, at its own position, under its own row's rank."""
+        lengths = [len(p) for p in prompts]
+        ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long, device=self.device)  # (1, Σn)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]  # (1, Σn)
+        cache = RaggedCache(lengths)
+        if self.adapter is not None:
+            if len(set(ranks)) == 1:
+                self._use_ranks(ranks[:1])  # one coefficient row for every token
+            else:  # one coefficient row per token: its prompt's rank
+                rows = [self.adapter.inference_coeffs(k).expand(n, -1) for k, n in zip(ranks, lengths)]
+                self.adapter.set_coeffs(torch.cat(rows)[None])  # (1, Σn, r)
+                self._coeff_key = None
+        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # each prompt's last token
+        with self._attention_as(MIXED_ATTENTION):
+            out = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions, use_cache=True,
+                             logits_to_keep=ends, **{self._cache_kw: cache})
+        mask = torch.zeros((len(prompts), cache.width), dtype=torch.long, device=self.device)
+        for i, n in enumerate(lengths):
+            mask[i, cache.width - n:] = 1
+        return Prefilled(cache.batch, mask, torch.tensor(lengths, device=self.device), list(ranks), out.logits[0])
 
     @torch.inference_mode()
     def prefill_piece(self, part: PartialPrefill, n: int) -> Prefilled | None:
@@ -277,13 +306,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def enable_mixed(self, probe: list[int] | None = None) -> bool:
-        """Use :meth:`decode_with_piece` if this model computes with it what a separate decode and
-        a separate piece compute: checked on a probe (two rows at the top and lowest rank, a piece
-        at the top rank); models with sliding-window or other non-full attention layers are left
-        separate. Call with no rows running. Returns the decision (also ``self.mixed``)."""
+        """Use :meth:`decode_with_piece` and unpadded (ragged) prefills if this model computes with
+        them what separate, padded forwards compute: checked on a probe (two rows of unequal
+        prompts at the top and lowest rank, a piece at the top rank); models with sliding-window
+        or other non-full attention layers keep both off. Call with no rows running. Returns the
+        decision (also ``self.mixed`` and ``self.ragged``)."""
         cfg = self.model.config
         kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        self.mixed = False
+        self.mixed = self.ragged = False
         if kinds != {"full_attention"} or getattr(cfg, "sliding_window", None) or self.batch.size:
             return False
         register_mixed_attention()
@@ -291,17 +321,19 @@ class ModelRunner:
         probe = probe or [1, 2, 3, 4, 5, 6, 7]
         try:
             expect = self._probe(probe, ranks, mixed=False)
+            self.ragged = True  # the probe's first prefill (4 and 2 tokens) goes unpadded
             got = self._probe(probe, ranks, mixed=True)
         except Exception as e:  # a model whose attention does not go through the cache and interface
             log.info("mixed decode + prefill piece unavailable for this model (%s); pieces run separately", e)
+            self.ragged = False
             return False
         finally:
             self.reset()
         tol = (1e-4 if self.model.dtype == torch.float32 else 3e-2) * (1 + float(expect.abs().max()))
-        self.mixed = bool(torch.allclose(got, expect, rtol=0, atol=tol))
+        self.mixed = self.ragged = bool(torch.allclose(got, expect, rtol=0, atol=tol))
         if not self.mixed:
             log.warning("mixed decode + prefill piece differs from separate forwards by %.3g (tolerance %.3g); "
-                        "pieces run separately", float((got - expect).abs().max()), tol)
+                        "pieces run separately, prompts padded", float((got - expect).abs().max()), tol)
         return self.mixed
 
     def _probe(self, probe: list[int], ranks: list[int], mixed: bool) -> torch.Tensor:

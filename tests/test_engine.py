@@ -74,6 +74,31 @@ def test_batched_step_logits_match_the_reference_within_tolerance(setup):
     torch.testing.assert_close(out[0], refs[2][5], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("ranks", [[8, 8, 8], [8, 0, 2]])
+def test_an_unpadded_prefill_leaves_what_a_padded_one_leaves(setup, ranks):
+    """Unequal prompts prefilled end to end in one (1, Σn) forward (RaggedCache): the same
+    next-token logits, and a cache from which the rows decode as from the padded prefill's."""
+    model, tok, adapter = setup
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    assert runner.enable_mixed() and runner.ragged
+    prompts = [tok(p)["input_ids"] for p in (PROMPTS[3], PROMPTS[1], PROMPTS[0])]
+    assert len({len(p) for p in prompts}) == 3
+    out = {}
+    for ragged in (False, True):
+        runner.reset()
+        runner.ragged = ragged
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            new = runner.prefill(prompts, ranks)
+        calls = sum(e.name == "aten::_scaled_dot_product_flash_attention_for_cpu" for e in prof.events())
+        runner.join(new)
+        out[ragged] = (new.logits, runner.decode(new.logits.argmax(-1).tolist()), runner.batch.mask.clone(), calls)
+    for a, b in zip(out[False][:2], out[True][:2]):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[False][2], out[True][2])  # the same left-padded layout
+    layers = model.config.num_hidden_layers
+    assert (out[False][3], out[True][3]) == (layers, layers * len(prompts))  # one attention per prompt: unpadded
+
+
 def test_seeded_sampling_is_reproducible_and_differs_across_seeds(setup):
     _, tok, _ = setup
     texts = []
