@@ -6,10 +6,10 @@ so machine noise and position effects hit every variant alike. Measured on the e
 (``server.runner.ModelRunner``: left-padded KV batch, per-row ranks), i.e. the serving path
 without HTTP. Rows:
 
-* ``rank k``                every row at rank k, adapter unmerged, each module its own ops (the server's
-                            default)
-* ``rank k (fused)``        the same, siblings fused (server ``--fuse true``: ``NestedAdapter.fuse``, one
-                            GEMM for q/k/v and their A, one for gate/up)
+* ``rank k``                every row at rank k, adapter unmerged, each module its own ops (server
+                            ``--fuse false``; the default with standard GEMMs)
+* ``rank k (fused)``        the same, siblings fused (``NestedAdapter.fuse``, one GEMM for q/k/v and their
+                            A, one for gate/up: server ``--fuse true``; the default with packed GEMMs)
 * ``mixed``                 rows spread over all ranks (cost should follow the largest rank present)
 * ``merged@k, rank k``      rank k folded into the weights (``--merge-rank auto`` once rank k dominates):
                             costs what the base costs

@@ -66,7 +66,8 @@ class AppState:
 
 def load_state(settings: ServerSettings) -> AppState:
     """The composition root, in named steps (blocking; seconds): model → adapter (in the model's
-    dtype) → kernels (GEMM mode, fusion) → merge policy → metrics → runner → calibration → controller → engine → serving."""
+    dtype) → kernels (GEMM mode, fusion) → merge policy → metrics → runner → calibration →
+    controller → engine → serving."""
     model, tok, device = _setup_model(settings)
     adapter, meta = _setup_adapter(settings, model)
     gemm = _setup_kernels(settings, model, adapter, device)

@@ -110,6 +110,19 @@ class ModelRunner:
         self.adapter.set_row_ranks(list(ranks))
         self._coeff_key = key
 
+    def _use_token_ranks(self, ranks: list[int], counts: list[int]) -> None:
+        """Coefficients for one packed sequence (a mixed step, a ragged prefill) whose segment i is
+        ``counts[i]`` tokens at rank ``ranks[i]``: one row for every token when the ranks agree,
+        else a row per token, ``(1, Σn, r)`` (each segment one row expanded, not copied)."""
+        if self.adapter is None:
+            return
+        if len(set(ranks)) == 1:
+            self._use_ranks(ranks[:1])
+            return
+        rows = [self.adapter.inference_coeffs(k).expand(n, -1) for k, n in zip(ranks, counts)]
+        self.adapter.set_coeffs(torch.cat(rows)[None])
+        self._coeff_key = None
+
     def remerge(self, k: int) -> None:
         """Fold rank k into the weights (``NestedAdapter.remerge``); the running rows keep their
         ranks and their caches (their effective weights do not change), their coefficients are
@@ -145,14 +158,13 @@ class ModelRunner:
         chunks, never the whole (b, L, V) logits at once)."""
         width = max(len(p) for p in prompts)
         scoring = prompt_logprobs and any(n is not None for n in prompt_logprobs)
-        if self.ragged and not scoring and sum(width - len(p) for p in prompts) >= RAGGED_MIN_PADDING * width * len(prompts):
+        padding = sum(width - len(p) for p in prompts)
+        if self.ragged and not scoring and padding >= RAGGED_MIN_PADDING * width * len(prompts):
             return self._prefill_ragged(prompts, ranks)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (b, Lp)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = ids.to(self.device), _left_padded_mask([len(p) for p in prompts], self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, Lp)
         cache = room_cache()
         if not prompt_logprobs or all(n is None for n in prompt_logprobs):
@@ -179,21 +191,13 @@ class ModelRunner:
         ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long, device=self.device)  # (1, Σn)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]  # (1, Σn)
         cache = RaggedCache(lengths)
-        if self.adapter is not None:
-            if len(set(ranks)) == 1:
-                self._use_ranks(ranks[:1])  # one coefficient row for every token
-            else:  # one coefficient row per token: its prompt's rank
-                rows = [self.adapter.inference_coeffs(k).expand(n, -1) for k, n in zip(ranks, lengths)]
-                self.adapter.set_coeffs(torch.cat(rows)[None])  # (1, Σn, r)
-                self._coeff_key = None
+        self._use_token_ranks(ranks, lengths)
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # each prompt's last token
         with self._attention_as(MIXED_ATTENTION):
             out = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions, use_cache=True,
                              logits_to_keep=ends, **{self._cache_kw: cache})
-        mask = torch.zeros((len(prompts), cache.width), dtype=torch.long, device=self.device)
-        for i, n in enumerate(lengths):
-            mask[i, cache.width - n:] = 1
-        return Prefilled(cache.batch, mask, torch.tensor(lengths, device=self.device), list(ranks), out.logits[0])
+        return Prefilled(cache.batch, _left_padded_mask(lengths, self.device), torch.tensor(lengths, device=self.device),
+                         list(ranks), out.logits[0])
 
     @torch.inference_mode()
     def prefill_piece(self, part: PartialPrefill, n: int) -> Prefilled | None:
@@ -287,11 +291,7 @@ class ModelRunner:
         positions = torch.cat([b.positions, torch.arange(a, e, device=self.device)])[None]  # (1, B + n)
         piece = fork(part.cache) if a else room_cache(capacity=len(part.prompt))
         cache = MixedCache(b.cache, piece, B, mask, a, e - a)
-        if self.adapter is not None:  # one coefficient row per token: each row's rank, then the piece's
-            rows = torch.stack([self.adapter.inference_coeffs(k) for k in b.ranks])  # (B, r)
-            piece_c = self.adapter.inference_coeffs(part.rank).expand(e - a, -1)  # (n, r): one row, n views
-            self.adapter.set_coeffs(torch.cat([rows, piece_c])[None])  # (1, B + n, r)
-            self._coeff_key = None
+        self._use_token_ranks([*b.ranks, part.rank], [1] * B + [e - a])  # each row's rank, then the piece's
         keep = torch.tensor([*range(B), B + e - a - 1], device=self.device)  # the rows, the piece's last token
         with self._attention_as(MIXED_ATTENTION):
             out = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions, use_cache=True,
@@ -369,6 +369,12 @@ class ModelRunner:
 
 _PREPARED_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D mask: transformers passes it through as is
 # (a MixedCache forward's attention applies the rows' and the piece's own masks)
+
+
+def _left_padded_mask(lengths: list[int], device) -> torch.Tensor:
+    """(b, max length): 1 on each row's last ``lengths[i]`` columns, 0 (padding) left of them."""
+    width = max(lengths)
+    return (torch.arange(width, device=device)[None, :] >= width - torch.tensor(lengths, device=device)[:, None]).long()
 
 
 def _first_used(mask: torch.Tensor) -> int:
