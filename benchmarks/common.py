@@ -101,6 +101,25 @@ def prompts(n: int) -> list[str]:
     return [GSM8K_PROMPT.format(question=r["question"]) for r in rows]
 
 
+def documents(n: int, tokens: int, model: str) -> list[str]:
+    """n distinct prompts of exactly ``tokens`` tokens of ``model``'s tokenizer (GSM8K questions
+    end to end, each document starting at another question: no two share a prefix, so an engine's
+    prefix cache cannot skip their prefill)."""
+    from transformers import AutoTokenizer
+
+    from trainer.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    pool = prompts(200 + n)
+    out = []
+    for i in range(n):
+        ids = tok(" ".join(pool[i * 7 % len(pool):] + pool))["input_ids"][:tokens]
+        if len(ids) < tokens:
+            raise ValueError(f"not enough text for {tokens}-token documents")
+        out.append(tok.decode(ids))
+    return out
+
+
 async def stream_completion(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed ``/v1/completions`` (greedy, ``ignore_eos``): its TTFT, the gap before each
     later token (a chunk's gap ÷ the tokens it carries) and its token count."""

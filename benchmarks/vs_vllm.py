@@ -48,7 +48,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_line, medians, prompts, q, serve, stop, stream_completion, untrained_adapter  # noqa: E402
+from benchmarks.common import documents, machine_line, medians, prompts, q, serve, stop, stream_completion, untrained_adapter  # noqa: E402
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 
@@ -61,10 +61,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def vllm_server(python: str, model_dir: str, dtype: str, loras: dict[str, Path], max_rank: int,
-                max_seqs: int, log: Path, ready_timeout_s: float = 900) -> Iterator[str]:
+                max_seqs: int, log: Path, context: int = 2048, ready_timeout_s: float = 900) -> Iterator[str]:
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "base",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", "2048",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(context),
            "--max-num-seqs", str(max_seqs)]
     if loras:
         cmd += ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(len(loras)),
@@ -126,6 +126,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=0,
+                    help="each prompt a distinct document of exactly this many tokens (0: the GSM8K questions)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="both engines; auto: what our --dtype auto picks here")
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -143,7 +145,12 @@ def main() -> int:
 
     dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
     ranks = [int(k) for k in args.ranks.split(",")]
-    texts = prompts(args.prompts)
+    # each round its own prompts and the warm-up others again: no prompt is sent twice, so vLLM's
+    # prefix cache (on, its default) skips no prefill that ours does (both engines get the same ones)
+    need = args.prompts * args.rounds + 2
+    pool = documents(need, args.prompt_tokens, args.model) if args.prompt_tokens else prompts(need)
+    warm, texts = pool[-2:], [pool[r * args.prompts:(r + 1) * args.prompts] for r in range(args.rounds)]
+    context = max(2048, args.prompt_tokens + args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="vs-vllm-"))
     ckpt = args.adapter or untrained_adapter(args.model, work / "nested", r=max(ranks))
     loras = {}
@@ -159,32 +166,33 @@ def main() -> int:
         urls = {"ours": stack.enter_context(serve(args.model, ckpt, "--max-batch-size", str(args.clients),
                                                   "--dtype", dtype))}
         urls["vllm+lora"] = stack.enter_context(vllm_server(args.vllm_python, model_dir, dtype, loras, max_rank,
-                                                            args.clients, work / "vllm-lora.log"))
+                                                            args.clients, work / "vllm-lora.log", context))
         if not args.no_vllm_base and 0 in ranks:
             urls["vllm"] = stack.enter_context(vllm_server(args.vllm_python, model_dir, dtype, {}, max_rank,
-                                                           args.clients, work / "vllm.log"))
+                                                           args.clients, work / "vllm.log", context))
 
         def name(engine: str, k: int) -> str:
             return f"mlora@{k}" if engine == "ours" else ("base" if k == 0 else f"r{k}")
 
         cells = [(k, e) for k in ranks for e in urls if not (e == "vllm" and k)]
         for k, e in cells:  # warm-up: every (rank, engine) once, not measured
-            asyncio.run(load(urls[e], name(e, k), texts[:2], 2, 8))
+            asyncio.run(load(urls[e], name(e, k), warm, 2, 8))
         runs: dict[tuple[int, str], list[dict]] = {c: [] for c in cells}
         for rnd in range(args.rounds):
             for k in ranks:
                 engines = [e for e in urls if (k, e) in runs]
                 random.Random(rnd * 100 + k).shuffle(engines)
                 for e in engines:
-                    runs[(k, e)].append(asyncio.run(load(urls[e], name(e, k), texts, args.clients, args.max_tokens)))
+                    runs[(k, e)].append(asyncio.run(load(urls[e], name(e, k), texts[rnd], args.clients, args.max_tokens)))
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
 
     med = medians(runs)
     print(f"# vs_vllm  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"{machine_line()}; vLLM {version} ({args.vllm_python})")
     print(f"# model {args.model}, dtype {dtype} (both), adapter {'untrained r=' + str(max(ranks)) if not args.adapter else ckpt}"
-          f"; {args.clients} clients, {len(texts)} GSM8K prompts × {args.max_tokens} tokens (ignore_eos), "
-          f"/v1/completions streamed; median of {args.rounds} interleaved rounds")
+          f"; {args.clients} clients, {args.prompts} "
+          f"{f'{args.prompt_tokens}-token documents' if args.prompt_tokens else 'GSM8K prompts'} × {args.max_tokens} tokens (ignore_eos), "
+          f"/v1/completions streamed; median of {args.rounds} interleaved rounds, each on prompts of its own")
     print(f"{'rank':>4} {'engine':<10} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8}"
           f" {'ours ÷ this':>11}")
     for k, e in cells:

@@ -204,36 +204,52 @@ class ModelRunner:
         """Feed the next ``n`` tokens of ``part``'s prompt (one row, no padding: positions
         ``done … done+n-1`` attend to the cache and to each other). Returns the row, as
         :meth:`prefill` would have, once the whole prompt is in; None before. The cache is
-        replaced, never written into, so a piece that raises leaves ``part`` as it was."""
+        replaced, never written into, so a piece that raises leaves ``part`` as it was. Where
+        mixed forwards are on, the piece runs as one with no rows (its attention split at long
+        pieces: ``server.kvcache._piece_attention``)."""
+        if self.mixed:
+            return self._with_piece(None, part, n)[1]
         a, b = part.done, min(part.done + n, len(part.prompt))
         ids = torch.tensor([part.prompt[a:b]], dtype=torch.long, device=self.device)  # (1, n)
         mask = torch.ones((1, b), dtype=torch.long, device=self.device)  # (1, done + n)
         positions = torch.arange(a, b, device=self.device).unsqueeze(0)  # (1, n)
         # appends past part.cache's end (part keeps its view); the first piece reserves the whole prompt
         cache = fork(part.cache) if a else room_cache(capacity=len(part.prompt))
-        hook = None
-        if part.prompt_logprobs is not None:
-            captured = {}
-
-            def keep_hidden(module, args, out):
-                captured["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (1, n, H)
-
-            hook = self.model.get_decoder().register_forward_hook(keep_hidden)
-        try:
+        with self._keeping_hidden(part):
             logits = self._forward(ids, mask, positions, cache, [part.rank])
-        finally:
-            if hook is not None:
-                hook.remove()
         part.cache, part.done = cache, b
-        if hook is not None:
-            part.hidden.append(captured["h"][0])
+        return self._piece_end(part, logits)
+
+    @contextlib.contextmanager
+    def _keeping_hidden(self, part: PartialPrefill, rows: int = 0):
+        """While scoring ``part``'s prompt (echo): the decoder's hidden states of the forward's
+        piece tokens (past its first ``rows`` positions) appended to ``part.hidden`` when it succeeds."""
+        if part.prompt_logprobs is None:
+            yield
+            return
+        captured = {}
+
+        def keep_hidden(module, args, out):
+            captured["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (1, B + n, H)
+
+        hook = self.model.get_decoder().register_forward_hook(keep_hidden)
+        try:
+            yield
+        finally:
+            hook.remove()
+        part.hidden.append(captured["h"][0, rows:])
+
+    def _piece_end(self, part: PartialPrefill, logits: torch.Tensor) -> Prefilled | None:
+        """After a piece: None while the prompt has more; else its row (prompt scored if asked)."""
         if part.remaining:
             return None
         scored = None
         if part.prompt_logprobs is not None:
             scored = [self._score_prompt(torch.cat(part.hidden), part.prompt, part.prompt_logprobs)]
             part.hidden = []
-        return Prefilled(cache, mask, torch.tensor([b], device=self.device), [part.rank], logits, scored)
+        e = len(part.prompt)
+        return Prefilled(part.cache, torch.ones((1, e), dtype=torch.long, device=self.device),
+                         torch.tensor([e], device=self.device), [part.rank], logits, scored)
 
     def _score_prompt(self, hidden: torch.Tensor, ids: list[int], n: int) -> list[TokenLogprob | None]:
         """``hidden`` (L, H): the prompt's hidden states; position j predicts token j + 1."""
@@ -283,26 +299,34 @@ class ModelRunner:
         logits (B, V) and, once ``part``'s prompt is complete, its row (else None). Neither the
         batch nor ``part`` changes unless the forward succeeds (the batch's cache is written past
         its views' end, ``part``'s cache is forked). Not for a prompt scored with ``echo``."""
+        return self._with_piece(tokens, part, n)
+
+    def _with_piece(self, tokens: list[int] | None, part: PartialPrefill, n: int):
+        """One packed forward (``server.kvcache.MixedCache``): a decode token per running row
+        (``tokens``; None: no rows, the piece alone) and ``part``'s next n prompt tokens."""
         b = self.batch
-        B, a = b.size, part.done
+        B, a = (b.size if tokens is not None else 0), part.done
         e = min(a + n, len(part.prompt))
-        ids = torch.tensor([list(tokens) + part.prompt[a:e]], dtype=torch.long, device=self.device)  # (1, B + n)
-        mask = torch.cat([b.mask, b.mask.new_ones((B, 1))], dim=1)  # (B, L+1)
-        positions = torch.cat([b.positions, torch.arange(a, e, device=self.device)])[None]  # (1, B + n)
+        ids = torch.tensor([list(tokens or []) + part.prompt[a:e]], dtype=torch.long, device=self.device)  # (1, B + n)
+        piece_pos = torch.arange(a, e, device=self.device)
         piece = fork(part.cache) if a else room_cache(capacity=len(part.prompt))
-        cache = MixedCache(b.cache, piece, B, mask, a, e - a)
-        self._use_token_ranks([*b.ranks, part.rank], [1] * B + [e - a])  # each row's rank, then the piece's
+        if B:
+            mask = torch.cat([b.mask, b.mask.new_ones((B, 1))], dim=1)  # (B, L+1)
+            positions = torch.cat([b.positions, piece_pos])[None]  # (1, B + n)
+            cache = MixedCache(b.cache, piece, B, mask, a, e - a)
+            self._use_token_ranks([*b.ranks, part.rank], [1] * B + [e - a])  # each row's rank, then the piece's
+        else:
+            positions, cache = piece_pos[None], MixedCache(None, piece, 0, None, a, e - a, self.device)
+            self._use_ranks([part.rank])
         keep = torch.tensor([*range(B), B + e - a - 1], device=self.device)  # the rows, the piece's last token
-        with self._attention_as(MIXED_ATTENTION):
+        with self._keeping_hidden(part, B), self._attention_as(MIXED_ATTENTION):
             out = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions, use_cache=True,
                              logits_to_keep=keep, **{self._cache_kw: cache})
         logits = out.logits[0]  # (B + 1, V)
-        b.mask, b.positions = mask, b.positions + 1
+        if B:
+            b.mask, b.positions = mask, b.positions + 1
         part.cache, part.done = piece, e
-        if part.remaining:
-            return logits[:B], None
-        return logits[:B], Prefilled(piece, torch.ones((1, e), dtype=torch.long, device=self.device),
-                                     torch.tensor([e], device=self.device), [part.rank], logits[B:])
+        return logits[:B], self._piece_end(part, logits[B:])
 
     @torch.inference_mode()
     def enable_mixed(self, probe: list[int] | None = None) -> bool:
@@ -321,11 +345,11 @@ class ModelRunner:
         probe = probe or [1, 2, 3, 4, 5, 6, 7]
         try:
             expect = self._probe(probe, ranks, mixed=False)
-            self.ragged = True  # the probe's first prefill (4 and 2 tokens) goes unpadded
+            self.ragged = self.mixed = True  # the probe's first prefill (4 and 2 tokens) unpadded, pieces packed
             got = self._probe(probe, ranks, mixed=True)
         except Exception as e:  # a model whose attention does not go through the cache and interface
             log.info("mixed decode + prefill piece unavailable for this model (%s); pieces run separately", e)
-            self.ragged = False
+            self.ragged = self.mixed = False
             return False
         finally:
             self.reset()

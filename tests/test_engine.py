@@ -249,15 +249,22 @@ def long_prompt(tok, n: int = 40) -> list[int]:
     return ids[:n]
 
 
+@pytest.mark.parametrize("path", ["apart", "packed", "packed, attention split"])
 @pytest.mark.parametrize("scored", [None, 3])
-def test_a_prompt_prefilled_in_pieces_gives_the_whole_prefill_row(setup, scored):
+def test_a_prompt_prefilled_in_pieces_gives_the_whole_prefill_row(setup, scored, path, monkeypatch):
     """Pieces of 7 tokens (the last one short) end with the logits, cache and prompt logprobs of one
-    whole prefill, and decoding after them continues exactly."""
+    whole prefill, and decoding after them continues exactly: run as plain forwards, as packed
+    forwards with no rows (``enable_mixed``), and so with each piece's attention split in two."""
+    from server import kvcache
     from server.runner import PartialPrefill
 
     model, tok, adapter = setup
     ids = long_prompt(tok, 40)
     runner = ModelRunner(model, adapter, tok.pad_token_id)
+    if path != "apart":
+        assert runner.enable_mixed()
+    if path.endswith("split"):
+        monkeypatch.setattr(kvcache, "SPLIT_MIN_QUERIES", 2)
     whole = runner.prefill([ids], [4], [scored])
     part = PartialPrefill(ids, 4, scored)
     pieces = [runner.prefill_piece(part, 7) for _ in range(6)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from transformers import DynamicCache
 
 from server.kvcache import ROOM, RoomLayer, fork, room_cache, select_rows, stack_left
 
@@ -80,3 +82,31 @@ def test_selecting_rows_copies_them_with_room():
     ptr = kept.layers[0].keys.data_ptr()
     kept.update(*kv(b=3, seed=8), layer_idx=0)
     assert kept.layers[0].keys.data_ptr() == ptr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("done", [0, 5, 40])
+def test_a_split_piece_attention_equals_the_masked_softmax(dtype, done, monkeypatch):
+    """A piece's queries at positions done … done+n-1, GQA (6 query heads on 2 KV heads): the two
+    flash calls merged by their log-sum-exps give the causal softmax over all earlier keys, as the
+    one masked call does — within the rounding of the dtype (bf16 keeps 8 bits: ~0.4% of a value
+    of magnitude 1, here below 2e-2 absolute on outputs that are averages of unit-normal values)."""
+    from server import kvcache
+
+    n, hq, hkv, d = 33, 6, 2, 16
+    g = torch.Generator().manual_seed(done)
+    q = torch.randn(1, hq, n, d, generator=g)
+    k, v = torch.randn(1, hkv, done + n, d, generator=g), torch.randn(1, hkv, done + n, d, generator=g)
+    # reference in fp64: each query head h attends with KV head h // 3, query i sees keys ≤ done + i
+    kk, vv = k.double().repeat_interleave(hq // hkv, 1), v.double().repeat_interleave(hq // hkv, 1)
+    scores = q.double() @ kk.transpose(-1, -2) / d**0.5  # (1, Hq, n, done+n)
+    visible = torch.arange(done + n)[None, :] <= torch.arange(done, done + n)[:, None]
+    want = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vv
+    cache = kvcache.MixedCache(None, DynamicCache(), 0, None, done, n, torch.device("cpu"))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    outs = {}
+    for split_at in (n + 1, 2):  # one masked call; the split (its threshold lowered to this piece)
+        monkeypatch.setattr(kvcache, "SPLIT_MIN_QUERIES", split_at)
+        outs[split_at] = kvcache._piece_attention(q.to(dtype), k.to(dtype), v.to(dtype), cache, d**-0.5)
+        assert outs[split_at].shape == (1, hq, n, d) and outs[split_at].dtype == dtype
+        assert (outs[split_at].double() - want).abs().max() < tol
