@@ -254,6 +254,8 @@ class NestedLoRALinear(nn.Module):
             h, alpha = h * c, 1.0
         if h.dtype != y.dtype and not torch.is_autocast_enabled(y.device.type):
             return y + (alpha * (h @ Bt)).to(y.dtype)
+        if n == 1:  # an outer product, one elementwise op (a GEMM this small costs its per-call floor)
+            return torch.addcmul(y, h, Bt[0], value=alpha)
         # y + alpha · h Bₙ in one fused op: (tokens, out) + (tokens, n) @ (n, out)
         return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, n), Bt,
                            alpha=alpha).view(y.shape)
