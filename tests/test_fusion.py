@@ -50,6 +50,41 @@ def test_fused_model_computes_the_unfused_function_at_every_rank_and_mixed(tiny_
     assert_same(want, every_rank(model, adapter, ids))
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed GEMMs need oneDNN")
+@pytest.mark.parametrize("method", ["matryoshka", "lora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_packed_model_computes_the_unfused_function_and_sees_new_b(tiny_model_dir, method, dtype):
+    """Packed, a group's B is one oneDNN GEMM of the block-diagonal Bd[:G·n] with y added as its
+    post-op, packed once per rank n. Same function as unfused: fp32 to summation order; bf16 to one
+    rounding of the scaled intermediate (LoRA's uniform α multiplies h before the GEMM, as a
+    per-component c does; 2e-2 is a few bf16 steps of these O(1) logits). A B written after its
+    rank was packed (a reload) is used, not the stale packed copy."""
+    from trainer.kernels import use_gemm
+
+    model, _, adapter = trained_adapter(tiny_model_dir, method=method)
+    model.to(dtype)
+    for layer in adapter.layers.values():
+        layer.to(dtype)
+    ids = torch.randint(0, model.config.vocab_size, (4, 7))
+    want = every_rank(model, adapter, ids)
+    adapter.fuse()
+    use_gemm(model, "packed")
+    got = every_rank(model, adapter, ids)
+    atol = ATOL if dtype == torch.float32 else 2e-2
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol, msg=lambda m: f"rank {k}: {m}")
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.lora_Bt.mul_(-3)
+    adapter.set_rank(adapter.config.r)
+    fused_new = logits(model, ids)
+    use_gemm(model, "standard")
+    adapter.unfuse()
+    adapter.set_rank(adapter.config.r)
+    torch.testing.assert_close(fused_new, logits(model, ids), rtol=0, atol=atol)
+    assert (fused_new - want[adapter.config.r]).abs().max() > 10 * atol  # the change shows
+
+
 def test_merging_writes_through_the_fused_weights(tiny_model_dir):
     """merge/remerge change ``base.weight`` in place, which is a view of the fused matrix: every
     rank stays exact while another is merged, and unmerge restores the base bit for bit."""

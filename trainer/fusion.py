@@ -24,7 +24,15 @@ oneDNN's per-call floor whatever its size; measured in a SmolLM2 decode step (8 
 GEMMs), the 120 block-diagonal ``addmm`` calls of rank 1 cost ~9 ms (~75 µs each), the 360
 ``addcmul_`` ~2 ms.
 
-At larger n the zero blocks of ``Bd[:G·n]`` ((G−1)·n·T elements) cost more memory traffic than
+With packed GEMMs (:mod:`trainer.kernels`) the ``B`` of every rank n ≥ 2 is one packed GEMM too:
+``Bd[:G·n]ᵀ`` reordered once per n that is used, y added as oneDNN's post-op (the sum rounded
+once, as ``addmm`` rounds it; a uniform α scales h first, as per-component c does). In the same
+decode step the ``addmm`` calls cost 50–80 µs each whatever n (oneDNN's bf16 path for a few
+rows: its per-call cost, not its bytes), the packed GEMM ~30 µs: rank 64 of an r = 64 adapter
+53 → 41 ms a step, rank 8 45 → 41 ms, rank 0 34 ms. The zero blocks then cost less than a call
+(≤ 0.4 MB read per group at n = 64), so packed B is always the block-diagonal one.
+
+Without packing, at larger n the zero blocks of ``Bd[:G·n]`` ((G−1)·n·T elements) cost more memory traffic than
 an op saves (decode is memory-bound): past ``BLOCK_B_WASTE`` zeros each member adds its own
 ``B_g[:, :n]`` (one ``addmm`` per member, on its column slice of ``y``).
 
@@ -98,6 +106,8 @@ class FusedGroup:
         self._ptrs = [(m.base.weight.data_ptr(), m.lora_A.data_ptr()) for m in members]
         self._bd: torch.Tensor | None = None
         self._bd_key: tuple[int, ...] | None = None
+        self._bd_packed: dict[int, torch.Tensor] = {}  # n → Bd[:G·n]ᵀ in oneDNN's layout, for the bd it was packed from
+        self._bd_packed_of: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}
 
@@ -145,6 +155,12 @@ class FusedGroup:
             for g, (m, sl) in enumerate(zip(self.members, self.slices)):
                 y[..., sl].addcmul_(h[..., g:g + 1], m.lora_Bt[0], value=alpha)
             return [y[..., sl] for sl in self.slices]
+        if packed is not None:  # one packed GEMM for every member's B, y added by oneDNN (one rounding, as addmm)
+            if alpha != 1.0:
+                h = h * alpha
+            out = torch.ops.mkldnn._linear_pointwise.binary(h.reshape(-1, G * n), y.reshape(-1, T).contiguous(),
+                                                            self._packed_block_b(n), None, "add")
+            return [out.view(*x.shape[:-1], T)[..., sl] for sl in self.slices]
         if (G - 1) * n * T <= BLOCK_B_WASTE:  # one addmm; its zero blocks cost little at this n
             out = torch.addmm(y.reshape(-1, T), h.reshape(-1, G * n), self._block_b()[:G * n],
                               alpha=alpha).view(*x.shape[:-1], T)
@@ -165,6 +181,18 @@ class FusedGroup:
                     bd[:, g, sl] = m.lora_Bt
             self._bd, self._bd_key = bd.view(G * r, self.T), key
         return self._bd
+
+    def _packed_block_b(self, n: int) -> torch.Tensor:
+        """``Bd[:G·n]ᵀ`` (T, G·n) as a packed linear weight, one per rank n that is asked for
+        (lazily: a server uses a few ranks), dropped whenever Bd is rebuilt."""
+        bd = self._block_b()
+        if self._bd_packed_of is not bd:
+            self._bd_packed, self._bd_packed_of = {}, bd
+        pk = self._bd_packed.get(n)
+        if pk is None:
+            G = len(self.members)
+            pk = self._bd_packed[n] = torch.ops.mkldnn._reorder_linear_weight(bd[:G * n].t().contiguous(), None)
+        return pk
 
     def _check_views(self) -> None:
         for m, (w, a) in zip(self.members, self._ptrs):
