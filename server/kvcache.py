@@ -287,11 +287,11 @@ def _piece_attention(query, key, value, cache: MixedCache, scaling):
     _, hq, n, d = query.shape
     hkv, done = key.shape[1], cache.done
     g = hq // hkv
-    if n < SPLIT_MIN_QUERIES or query.device.type != "cpu" or _flash_cpu() is None:
+    flash = _flash_cpu() if query.device.type == "cpu" else None
+    if n < SPLIT_MIN_QUERIES or flash is None:
         out = torch.nn.functional.scaled_dot_product_attention(query.reshape(1, hkv, g * n, d), key, value,
                                                                attn_mask=cache.piece_mask_folded(g), scale=scaling)
         return out.reshape(1, hq, n, d)  # head-in-group j, token i ← j·n + i
-    flash = _flash_cpu()
     own_k, own_v = key[:, :, done:], value[:, :, done:]
     if g > 1:
         own_k, own_v = own_k.repeat_interleave(g, 1), own_v.repeat_interleave(g, 1)

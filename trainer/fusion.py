@@ -28,8 +28,9 @@ With packed GEMMs (:mod:`trainer.kernels`) the ``B`` of every rank n ≥ 2 is on
 ``Bd[:G·n]ᵀ`` reordered once per n that is used, y added as oneDNN's post-op (the sum rounded
 once, as ``addmm`` rounds it; a uniform α scales h first, as per-component c does). In the same
 decode step the ``addmm`` calls cost 50–80 µs each whatever n (oneDNN's bf16 path for a few
-rows: its per-call cost, not its bytes), the packed GEMM ~30 µs: rank 64 of an r = 64 adapter
-53 → 41 ms a step, rank 8 45 → 41 ms, rank 0 34 ms. The zero blocks then cost less than a call
+rows: its per-call cost, not its bytes), the packed GEMM with its copy of y ~60 µs a group at 8
+rows (~76 µs at 16): rank 64 of an r = 64 adapter 53 → 41 ms a step, rank 8 45 → 41 ms, rank 0
+34 ms. The zero blocks then cost less than a call
 (≤ 0.4 MB read per group at n = 64), so packed B is always the block-diagonal one.
 
 Without packing, at larger n the zero blocks of ``Bd[:G·n]`` ((G−1)·n·T elements) cost more memory traffic than
