@@ -115,6 +115,13 @@ def _setup_runner(settings: ServerSettings, model, adapter, tok) -> ModelRunner:
     exact = runner.enable_mixed()
     log.info("batched prompts %s; prefill pieces %s", "unpadded" if exact else "padded",
              "off" if not settings.prefill_chunk_tokens else "mixed into decode steps" if exact else "run separately")
+    if settings.decode != "transformers":
+        lean = runner.enable_lean_decode()
+        if settings.decode == "lean" and not lean:
+            raise ValueError(f"--decode lean: {settings.model} is not a model the lean decode step computes exactly "
+                             "(Llama, Qwen2 or Mistral layers, full attention; see the log); use --decode auto or "
+                             "transformers")
+        log.info("decode steps %s (--decode %s)", "lean" if lean else "through transformers", settings.decode)
     return runner
 
 

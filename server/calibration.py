@@ -74,4 +74,5 @@ def cache_key(settings, meta: dict, device, dtype, gemm: str = "standard") -> di
     """What a measurement depends on: a change to any of these measures again."""
     return {"model": settings.model, "adapter": meta.get("adapter_sha256"), "device": str(device),
             "dtype": str(dtype), "batch": settings.max_batch_size, "steps": settings.calibrate_steps,
-            "merge_rank": settings.merge_rank, "fuse": settings.fuse, "gemm": gemm}
+            "merge_rank": settings.merge_rank, "fuse": settings.fuse, "gemm": gemm,
+            "decode": settings.decode}

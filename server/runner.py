@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
+from server.decoder import LeanDecoder, lean_decoder
 from server.kvcache import (MIXED_ATTENTION, MixedCache, RaggedCache, fork, register_mixed_attention, room_cache,
                             select_rows, stack_left)
 from server.sampling import TokenLogprob
@@ -101,6 +102,7 @@ class ModelRunner:
             register_mixed_attention()
         self.mixed = False  # decode_with_piece available (enable_mixed(): checked on a probe)
         self.ragged = False  # prefill of unequal prompts unpadded (enable_mixed(): checked on a probe)
+        self.lean: LeanDecoder | None = None  # decode steps in few ops (enable_lean_decode(): checked on a probe)
 
     # -- adapter coefficients ----------------------------------------------------------------------
     def _use_ranks(self, ranks: list[int]) -> None:
@@ -289,7 +291,11 @@ class ModelRunner:
         b = self.batch
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
         b.mask = torch.cat([b.mask, b.mask.new_ones((b.size, 1))], dim=1)  # (B, L+1)
-        logits = self._forward(ids, b.mask, b.positions.unsqueeze(1), b.cache, b.ranks)
+        if self.lean is not None:
+            self._use_ranks(b.ranks)
+            logits = self.lean.step(ids[:, 0], b.mask, b.positions, b.cache)
+        else:
+            logits = self._forward(ids, b.mask, b.positions.unsqueeze(1), b.cache, b.ranks)
         b.positions = b.positions + 1
         return logits
 
@@ -359,6 +365,43 @@ class ModelRunner:
             log.warning("mixed decode + prefill piece differs from separate forwards by %.3g (tolerance %.3g); "
                         "pieces run separately, prompts padded", float((got - expect).abs().max()), tol)
         return self.mixed
+
+    @torch.inference_mode()
+    def enable_lean_decode(self, probe: list[int] | None = None) -> bool:
+        """Run decode steps through :class:`server.decoder.LeanDecoder` if this model is one it
+        computes and, on a probe (two rows of unequal prompts at the top and lowest rank, three
+        decode steps), it gives the logits transformers' forward gives. Call with no rows running.
+        Returns the decision (also ``self.lean``)."""
+        self.lean = None
+        lean = lean_decoder(self.model)
+        if lean is None or self.batch.size:
+            return False
+        ranks = [0, 0] if self.adapter is None else [self.adapter.config.ranks[-1], self.adapter.config.ranks[0]]
+        probe = probe or [1, 2, 3, 4, 5, 6, 7]
+        try:
+            expect = self._probe_decode(probe, ranks)
+            self.lean = lean
+            got = self._probe_decode(probe, ranks)
+        except Exception as e:  # a layer that does not compute the way the lean step calls it
+            log.info("lean decode unavailable for this model (%s); decode steps run through transformers", e)
+            self.lean = None
+            return False
+        finally:
+            self.reset()
+        tol = (1e-4 if self.model.dtype == torch.float32 else 3e-2) * (1 + float(expect.abs().max()))
+        err = float((got - expect).abs().max())
+        if err > tol:
+            log.warning("lean decode differs from transformers' forward by %.3g (tolerance %.3g); decode steps run "
+                        "through transformers", err, tol)
+            self.lean = None
+        return self.lean is not None
+
+    def _probe_decode(self, probe: list[int], ranks: list[int]) -> torch.Tensor:
+        """Logits of three decode steps of two rows of unequal prompts (left padding in the mask)."""
+        self.reset()
+        self.join(self.prefill([probe[:4], probe[:2]], ranks))
+        steps = [self.decode([probe[4 + i], probe[i]]) for i in range(3)]
+        return torch.cat(steps).float()
 
     def _probe(self, probe: list[int], ranks: list[int], mixed: bool) -> torch.Tensor:
         """Logits of two decode steps of two rows, the second with two 3-token pieces of a prompt

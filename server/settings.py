@@ -48,6 +48,11 @@ class ServerSettings(BaseSettings):
         "packed GEMMs (measured 1.4x faster decode at ranks 1-64 in bf16 on AVX-512), not with standard ones "
         "(0.90x on AVX2 in fp32)")
     gemm: Gemm = Field("auto", description=GEMM_HELP)
+    decode: Literal["auto", "lean", "transformers"] = Field(
+        "auto", description="how a decode step is computed: lean (server.decoder: the model's own modules in a loop of "
+        "~25 ops a layer instead of transformers' ~50, the mask and rotary angles built once a step; Llama, Qwen2, "
+        "Mistral) | transformers (the model's forward); auto: lean where a start-up probe shows it computes what "
+        "transformers' forward computes; lean: the same, an error where it does not")
     merge_dwell_s: float = Field(2.0, ge=0, description="auto merge: how long a rank must lead the traffic "
                                  "before it is merged (and min seconds between re-merges)")
     controller: Literal["threshold", "slo", "off"] = Field(

@@ -111,6 +111,7 @@ def make_engine(setup, **cfg) -> Engine:
     model, tok, adapter = setup
     runner = ModelRunner(model, adapter, tok.pad_token_id)
     runner.enable_mixed()  # as the server does: prefill pieces ride on decode steps
+    runner.enable_lean_decode()  # and decode steps run lean
     return Engine(runner, tok, EngineConfig(**cfg), adapter.config.ranks, auto_rank=lambda: 8)
 
 

@@ -117,8 +117,8 @@ class FusedGroup:
         """``member``'s output for input ``x``: the first sibling to ask computes all of them."""
         key = id(member)
         if x is not self._x or key not in self._pending:
-            outs = self._compute(x)
-            self._pending = {id(m): o for m, o in zip(self.members, outs)}
+            out = self.forward_all(x)
+            self._pending = {id(m): out[..., sl] for m, sl in zip(self.members, self.slices)}
             self._x = x
         out = self._pending.pop(key)
         if not self._pending:
@@ -132,15 +132,16 @@ class FusedGroup:
             return linear(x, self.weight, self.bias, packed=packed)[..., :rows]
         return linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows], small)
 
-    def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output for input ``x``, side by side: ``(..., T)``, member g in columns
+        ``slices[g]`` (a caller that wants q and k together takes one slice of it)."""
         self._check_views()
         state = self.members[0].state
         c, T, G = state.coeffs, self.T, len(self.members)
         small = self.members[0].small_gemm_rows
         packed = self._packed if self.members[0].packed is not None and not torch.is_grad_enabled() else None
         if c is None:  # every adapter off: the base rows alone
-            z = self._linear(x, T, small, packed)  # (..., T)
-            return [z[..., sl] for sl in self.slices]
+            return self._linear(x, T, small, packed)  # (..., T)
         n = c.shape[-1]
         rows = T + G * n
         z = self._linear(x, rows, small, packed)  # (..., T + G n)
@@ -155,20 +156,20 @@ class FusedGroup:
         if n == 1 and not torch.is_grad_enabled():  # rank 1: G outer products, in place into y
             for g, (m, sl) in enumerate(zip(self.members, self.slices)):
                 y[..., sl].addcmul_(h[..., g:g + 1], m.lora_Bt[0], value=alpha)
-            return [y[..., sl] for sl in self.slices]
+            return y
         if packed is not None:  # one packed GEMM for every member's B, y added by oneDNN (one rounding, as addmm)
             if alpha != 1.0:
                 h = h * alpha
             out = torch.ops.mkldnn._linear_pointwise.binary(h.reshape(-1, G * n), y.reshape(-1, T).contiguous(),
                                                             self._packed_block_b(n), None, "add")
-            return [out.view(*x.shape[:-1], T)[..., sl] for sl in self.slices]
+            return out.view(*x.shape[:-1], T)
         if (G - 1) * n * T <= BLOCK_B_WASTE:  # one addmm; its zero blocks cost little at this n
-            out = torch.addmm(y.reshape(-1, T), h.reshape(-1, G * n), self._block_b()[:G * n],
-                              alpha=alpha).view(*x.shape[:-1], T)
-            return [out[..., sl] for sl in self.slices]
-        hs = h.reshape(-1, n, G)  # component j of member g at [:, j, g]
-        return [torch.addmm(y[..., sl].reshape(-1, sl.stop - sl.start), hs[:, :, g], m.lora_Bt[:n], alpha=alpha)
-                .view(*x.shape[:-1], sl.stop - sl.start) for g, (m, sl) in enumerate(zip(self.members, self.slices))]
+            return torch.addmm(y.reshape(-1, T), h.reshape(-1, G * n), self._block_b()[:G * n],
+                               alpha=alpha).view(*x.shape[:-1], T)
+        hs, y2 = h.reshape(-1, n, G), y.view(-1, T)  # component j of member g at [:, j, g]; y2 a view of z
+        for g, (m, sl) in enumerate(zip(self.members, self.slices)):
+            y2[:, sl].addmm_(hs[:, :, g], m.lora_Bt[:n], alpha=alpha)  # in place: z is ours
+        return y
 
     def _block_b(self) -> torch.Tensor:
         """Bd (G·r, T): row G·j + g = member g's ``lora_Bt[j]`` in g's columns, zeros elsewhere."""
