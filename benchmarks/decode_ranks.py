@@ -88,6 +88,7 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tok = load_model(args.model, device, dtype)
+    mode = resolve_gemm(args.gemm, device, dtype, model=model)  # probed on the base model's forward
     torch.manual_seed(0)
     adapter = NestedAdapter.inject(model, AdapterConfig(r=args.rank))
     with torch.no_grad():
@@ -100,7 +101,6 @@ def main() -> None:
     R = adapter.config.ranks
     top = R[-1]
     mixed = [[0, *R][i % (len(R) + 1)] for i in range(args.batch)]
-    mode = resolve_gemm(args.gemm, device, dtype)
     # name → (row ranks, merged rank or None, fused, GEMM mode)
     plain: dict[str, tuple[list[int], int | None, bool]] = {
         f"rank {k}": ([k] * args.batch, None, False) for k in [0, *R]}

@@ -65,12 +65,13 @@ class AppState:
 
 
 def load_state(settings: ServerSettings) -> AppState:
-    """The composition root, in named steps (blocking; seconds): model → adapter (in the model's
-    dtype) → kernels (GEMM mode, fusion) → merge policy → metrics → runner → calibration →
+    """The composition root, in named steps (blocking; seconds): model → GEMM mode (probed on the
+    base model) → adapter (in the model's dtype) → kernels (GEMM mode, fusion) → merge policy → metrics → runner → calibration →
     controller → engine → serving."""
     model, tok, device = _setup_model(settings)
+    gemm = _resolve_gemm(settings, model, device)
     adapter, meta = _setup_adapter(settings, model)
-    gemm = _setup_kernels(settings, model, adapter, device)
+    _setup_kernels(settings, model, adapter, gemm)
     ranks = adapter.config.ranks if adapter else []
     auto_merge = _setup_merge(settings, adapter, ranks)
     metrics = _setup_metrics(settings, adapter, meta, ranks)
@@ -125,19 +126,25 @@ def _setup_runner(settings: ServerSettings, model, adapter, tok) -> ModelRunner:
     return runner
 
 
-def _setup_kernels(settings: ServerSettings, model, adapter, device) -> str:
-    """Linears computed the way measured fastest here (:mod:`trainer.kernels`), siblings fused
-    where ``--fuse`` says (auto: with packed GEMMs); after the adapter's dtype cast (fused weights
-    are views that a later ``.to()`` would break). Returns the GEMM mode."""
-    from trainer.kernels import resolve_gemm, use_gemm
+def _resolve_gemm(settings: ServerSettings, model, device) -> str:
+    """What ``--gemm`` means here; ``auto`` times the base model's own forward in every mode (once
+    per CPU and model, cached: :func:`trainer.kernels.gemm_speedups`), before any adapter is on it."""
+    from trainer.kernels import resolve_gemm
 
-    mode = resolve_gemm(settings.gemm, device, model.dtype)
+    return resolve_gemm(settings.gemm, device, model.dtype, model=model)
+
+
+def _setup_kernels(settings: ServerSettings, model, adapter, mode: str) -> None:
+    """Linears computed the ``mode`` way (:mod:`trainer.kernels`), siblings fused where ``--fuse``
+    says (auto: with packed GEMMs); after the adapter's dtype cast (fused weights are views that a
+    later ``.to()`` would break)."""
+    from trainer.kernels import use_gemm
+
     if adapter is not None and fused(settings, mode):
         adapter.fuse()
     n = use_gemm(model, mode)
     log.info("GEMMs %s in %d linears (--gemm %s), siblings %s", mode, n, settings.gemm,
              "fused" if adapter is not None and adapter.groups else "apart")
-    return mode
 
 
 def fused(settings: ServerSettings, gemm: str) -> bool:

@@ -162,9 +162,25 @@ def test_the_probe_is_measured_once_cached_and_picks_the_fastest(tmp_path, monke
     cached[key] = {"weight-major": 1.2, "packed": 0.9}  # a CPU where packing does not pay
     path.write_text(json.dumps(cached))
     assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "weight-major"
-    cached[key] = {"weight-major": 1.05, "packed": 0.9}  # nor either: kept standard
+    cached[key] = {"weight-major": 1.03, "packed": 0.9}  # nor either: kept standard
     path.write_text(json.dumps(cached))
     assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "standard"
+
+
+def test_the_probe_times_the_models_own_forward_and_leaves_its_mode(tmp_path, tiny_model_dir, monkeypatch):
+    """Given a model, the probe times its forward in every mode (not made-up GEMMs), caches the
+    answer under the model's linear shapes, and leaves the model computing as it did."""
+    from conftest import load_tiny
+    from trainer.kernels import gemm_speedups
+
+    monkeypatch.setattr(kernels, "_time_gemms", lambda *a, **k: pytest.fail("made-up GEMMs timed"))
+    model, _ = load_tiny(tiny_model_dir)
+    use_gemm(model, "weight-major")
+    speedups = gemm_speedups(torch.float32, tmp_path, model)
+    assert set(speedups) == {"weight-major", "packed"} and all(v > 0 for v in speedups.values())
+    assert gemm_mode(model) == "weight-major"
+    keys = list(json.loads((tmp_path / "gemm-probe.json").read_text()))
+    assert len(keys) == 1 and "forward: 15 linears" in keys[0]  # q k v o gate up down in 2 layers, the head
 
 
 def test_a_batched_prefill_computes_the_head_as_one_gemm_not_a_bmm_over_weight_copies(tiny_model_dir):

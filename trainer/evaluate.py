@@ -397,8 +397,9 @@ def run_eval(cfg: EvalConfig, command: list[str] | None = None) -> dict:
     for ckpt, meta, label, rks in zip(cfg.checkpoints, metas, _labels(cfg.checkpoints), ranks):
         model_name = cfg.model or meta["base_model"]["name"]
         model, tok = load_model(model_name, device, dtype)
+        gemm = resolve_gemm("auto", device, dtype, model=model)  # probed on the base model's forward
         adapter, _ = load_adapter(ckpt, model, cfg.inference_rule)
-        use_gemm(model, resolve_gemm("auto", device, dtype))  # greedy decoding: few rows per step
+        use_gemm(model, gemm)  # greedy decoding: few rows per step
         encoded = encode(task, tok)
         per_rank: dict[int, dict] = {}
         for k in [0, *rks]:
