@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--gemm", default="auto", choices=["auto", "standard", "weight-major", "packed"])
+    ap.add_argument("--decode", default="auto", choices=["auto", "transformers"],
+                    help="the server's --decode: auto runs decode steps lean where the probe agrees (server.decoder)")
     ap.add_argument("--vs-standard", action="store_true", help="also every variant with standard GEMMs")
     args = ap.parse_args()
 
@@ -96,6 +98,7 @@ def main() -> None:
             layer.lora_Bt.normal_(std=0.01)
             layer.to(dtype)
     runner = ModelRunner(model, adapter, tok.pad_token_id)
+    lean = args.decode == "auto" and runner.enable_lean_decode()
     ids = tok(PROMPT)["input_ids"]
     prompts = [ids[: len(ids) - i % 4] for i in range(args.batch)]  # slightly ragged, as in serving
     R = adapter.config.ranks
@@ -147,7 +150,8 @@ def main() -> None:
     print(machine_line())
     print(f"# device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
     print(f"# model {args.model}, adapter r={args.rank} on {len(adapter.layers)} modules, batch {args.batch}, "
-          f"{args.steps} decode steps, {args.reps} interleaved reps; GEMMs {mode} (--gemm {args.gemm})")
+          f"{args.steps} decode steps, {args.reps} interleaved reps; GEMMs {mode} (--gemm {args.gemm}); decode steps "
+          f"{'lean' if lean else 'through transformers'} (--decode {args.decode})")
     print("# 'rank 0' and 'merged@k, rank k' run the same computation (base-model cost): their gap is noise")
     print(f"{'variant':<38} {'best tok/s':>10} {'÷ rank 0':>9} {'median':>8} {'÷ rank 0':>9}")
     for name, v in med.items():
