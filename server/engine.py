@@ -324,9 +324,11 @@ class Engine:
             if mixed and self._partial is not None:
                 out, piece, n = self._decode_with_piece(tokens, stats)
                 self._cost.piece(n, time.perf_counter() - t0)
+                stats.forward_s["mixed"] = time.perf_counter() - t0
             else:
                 out = isolation.decode(self.runner, tokens)
                 self._cost.decode(time.perf_counter() - t0, len(tokens))
+                stats.forward_s["decode"] = time.perf_counter() - t0
             if out.errors:  # the runner already holds only the kept rows
                 stats.retried_apart += 1
                 for i, err in out.errors.items():
@@ -456,6 +458,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             new, error = isolation.prefill_piece(self.runner, part, n)
+            stats.forward_s["piece"] = stats.forward_s.get("piece", 0.0) + time.perf_counter() - t0
             if self._rows:  # a piece apart adds its whole time to the step
                 self._cost.piece(n, time.perf_counter() - t0, apart=True)
         except isolation.ModelBroken:
@@ -485,9 +488,11 @@ class Engine:
         if not rows:
             return
         stats.prefill_tokens += sum(len(r.req.prompt_ids) for r in rows)
+        t0 = time.perf_counter()
         try:
             out, parts = isolation.prefill(self.runner, [r.req.prompt_ids for r in rows], [r.rank for r in rows],
                                            [r.req.prompt_logprobs for r in rows])
+            stats.forward_s["prefill"] = time.perf_counter() - t0
         except isolation.ModelBroken:
             with self._cv:  # back in the queue: _fail_all answers them once the engine is marked dead
                 self._waiting.extendleft(r.req for r in reversed(rows))

@@ -91,6 +91,9 @@ class StepStats:
     finished: list[tuple[int | None, str, float]] = field(default_factory=list)  # (rank, status, e2e)
     merged: tuple[int, float] | None = None  # (rank, seconds) when this step re-merged the weights
     retried_apart: int = 0  # batched forwards that raised and were retried one row at a time
+    # seconds of model forwards this step, by phase: "decode", "mixed" (decode + a prompt piece),
+    # "prefill" (whole prompts), "piece" (a prompt piece alone)
+    forward_s: dict[str, float] = field(default_factory=dict)
 
 
 class RankPolicy(Protocol):

@@ -38,6 +38,8 @@ MERGE_SECONDS = "mlora_merge_seconds"
 ENGINE_STALLS = "mlora_engine_stalls"
 ENGINE_RETRIED_APART = "mlora_engine_retried_apart"
 ENGINE_HEALTHY = "mlora_engine_healthy"
+FORWARD_SECONDS = "mlora_forward_seconds"
+FORWARD_PHASES = ("decode", "mixed", "prefill", "piece")
 REQUESTS_TOTAL = REQUESTS + "_total"
 GENERATED_TOKENS_TOTAL = GENERATED_TOKENS + "_total"
 PROMPT_TOKENS_TOTAL = PROMPT_TOKENS + "_total"
@@ -68,6 +70,11 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.generated = Counter(GENERATED_TOKENS, "Generated tokens by rank.", ["rank"], registry=r)
         self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens prefilled.", registry=r)
+        self.forward_s = Histogram(FORWARD_SECONDS, "Seconds of one engine step's model forward, by phase: decode, "
+                                   "mixed (decode + a prompt piece), prefill (whole prompts), piece (a piece alone).",
+                                   ["phase"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        for phase in FORWARD_PHASES:  # every series present from the start (0 until it happens)
+            self.forward_s.labels(phase=phase)
         self.batch_size = Histogram(BATCH_SIZE, "Rows per engine step.", buckets=BATCH_BUCKETS, registry=r)
         self.info = Info(MODEL, "Served base model, adapter and ranks.", registry=r)
         self.received = Counter(REQUESTS_RECEIVED, "Requests accepted into the queue.", registry=r)
@@ -109,6 +116,8 @@ class Metrics:
         self.running.set(s.running)
         if s.batch_size:
             self.batch_size.observe(s.batch_size)
+        for phase, seconds in s.forward_s.items():
+            self.forward_s.labels(phase=phase).observe(seconds)
         for v in s.queue_waits:
             self.queue_wait.observe(v)
         for v in s.ttfts:

@@ -13,6 +13,7 @@ import pytest
 from conftest import Busy, ServerProcess, metric, wait_http_ok, wait_metric, wait_until
 from server.metrics import (
     BATCH_SIZE,
+    FORWARD_SECONDS,
     CONTROLLER_DECISIONS_TOTAL,
     CURRENT_AUTO_RANK,
     GENERATED_TOKENS_TOTAL,
@@ -191,6 +192,9 @@ def test_metrics_count_requests_and_tokens_by_rank(http):
                  QUEUE_WAIT_SECONDS + "_bucket", PROMPT_TOKENS_TOTAL, MODEL + "_info"]:
         assert name in text
     assert "# HELP mlora_queue_depth" in text
+    assert metric(http, FORWARD_SECONDS + "_count", phase="prefill") >= 1  # the prompt's forward, timed
+    assert metric(http, FORWARD_SECONDS + "_count", phase="decode") >= 1
+    assert metric(http, FORWARD_SECONDS + "_sum", phase="decode") > 0
 
 
 @pytest.mark.slow
