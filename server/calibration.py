@@ -71,8 +71,14 @@ def calibrate(runner, prompt_ids: list[int], ranks: list[int], batch: int, steps
 
 
 def cache_key(settings, meta: dict, device, dtype, gemm: str = "standard") -> dict:
-    """What a measurement depends on: a change to any of these measures again."""
+    """What a measurement depends on: a change to any of these measures again (the CPU and its
+    thread count too: a table measured under ``OMP_NUM_THREADS=1`` is not this server's)."""
+    import torch
+
+    from trainer.models import cpu_model_name
+
     return {"model": settings.model, "adapter": meta.get("adapter_sha256"), "device": str(device),
             "dtype": str(dtype), "batch": settings.max_batch_size, "steps": settings.calibrate_steps,
             "merge_rank": settings.merge_rank, "fuse": settings.fuse, "gemm": gemm,
-            "decode": settings.decode}
+            "decode": settings.decode, "threads": torch.get_num_threads(),
+            "cpu": cpu_model_name() if str(device) == "cpu" else str(device)}

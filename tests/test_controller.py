@@ -224,3 +224,24 @@ def test_the_controller_observes_the_engines_step_stats_over_its_window():
     assert obs.p95_e2e_s == 2.0 and obs.p50_e2e_s == 2.0 and obs.p95_ttft_s == pytest.approx(0.9)
     assert obs.queue_depth == 9 and obs.running == 3  # the latest step's
     assert obs.p95_queue_wait_s is None  # nothing measured is not zero
+
+
+def test_a_calibration_measured_with_other_threads_or_gemms_is_not_reused():
+    """The cache key names every setting and machine property the table depends on: a table
+    measured under OMP_NUM_THREADS=1 (or another GEMM mode, decode path, CPU) is measured again."""
+    import torch
+
+    from server.calibration import cache_key
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(model="m", adapter="a")
+    key = cache_key(settings, {"adapter_sha256": "x"}, "cpu", torch.bfloat16, "packed")
+    assert key["threads"] == torch.get_num_threads() and key["gemm"] == "packed" and key["decode"] == "auto"
+    assert key["cpu"] and key["cpu"] != "cpu"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        assert cache_key(settings, {"adapter_sha256": "x"}, "cpu", torch.bfloat16, "packed") != key
+    finally:
+        torch.set_num_threads(before)
+    assert cache_key(settings, {"adapter_sha256": "x"}, "cpu", torch.bfloat16, "standard") != key
