@@ -121,7 +121,8 @@ def _rope(q, k, cos, sin, B, hq, hkv, d):
     """transformers' rotary embedding of q and k, ``x·cos + rotate_half(x)·sin`` with
     ``rotate_half(x)·sin = flip_halves(x)·sin`` (``sin`` already signed): one pass for both when
     k's columns follow q's in one tensor (fused q/k/v), else one each."""
-    if k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size() and q.stride() == k.stride():
+    if (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() and q.stride() == k.stride()
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size()):
         qk = q.as_strided((B, hq + hkv, d), (q.stride(0), d, 1))  # columns [q | k] of the fused output
         qk = qk * cos + qk.view(B, hq + hkv, 2, d // 2).flip(-2).view(B, hq + hkv, d) * sin
         return qk[:, :hq], qk[:, hq:]

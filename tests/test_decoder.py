@@ -90,3 +90,36 @@ def test_a_probe_that_disagrees_keeps_transformers(tiny_model_dir, monkeypatch):
     monkeypatch.setattr("server.decoder._rms_norm", lambda norm, x: 1.5 * norm(x))
     runner = ModelRunner(model, adapter, tok.pad_token_id)
     assert not runner.enable_lean_decode() and runner.lean is None
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_lean_decode_computes_the_transformers_step_of_qwen2_and_mistral(arch):
+    """The other architectures it accepts: Qwen2 (biases on q/k/v, fused with the weights) and
+    Mistral without a sliding window, each with a nested adapter fused, rows at mixed ranks."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from trainer.inject import AdapterConfig, NestedAdapter
+
+    shape = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, attn_implementation="sdpa"))
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=None, attn_implementation="sdpa"))
+    model.eval()
+    adapter = NestedAdapter.inject(model, AdapterConfig(r=4))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.lora_Bt.normal_(std=0.1)
+    adapter.fuse()
+    runner = ModelRunner(model, adapter, pad_id=0)
+    assert runner.enable_lean_decode()
+    lean = runner.lean
+    for ranks in ([0, 0, 0], [4, 1, 2]):
+        runner.lean = None
+        want, _ = decode_logits(runner, ranks)
+        runner.lean = lean
+        got, _ = decode_logits(runner, ranks)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"{arch} ranks {ranks}: {m}")
