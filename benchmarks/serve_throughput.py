@@ -32,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import prompts, serve  # noqa: E402
+from benchmarks.common import machine_line, prompts, serve  # noqa: E402
 from trainer.checkpoint import save_adapter  # noqa: E402
 from trainer.inject import AdapterConfig, NestedAdapter  # noqa: E402
-from trainer.models import load_model  # noqa: E402
+from trainer.models import load_model, resolve_dtype  # noqa: E402
 
 
 def generate_rate(model, tok, texts: list[str], new_tokens: int) -> float:
@@ -75,14 +75,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sequential-prompts", type=int, default=4, help="sequential rate measured on this many")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", help="every way's dtype; auto: what the server's --dtype auto picks here")
     args = ap.parse_args()
 
-    model, tok = load_model(args.model, "cpu", torch.float32)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    dtype_name = str(dtype).removeprefix("torch.")
+    model, tok = load_model(args.model, "cpu", dtype)
     torch.manual_seed(0)
     adapter = NestedAdapter.inject(model, AdapterConfig(r=args.rank))
     with torch.no_grad():
         for layer in adapter.layers.values():
             layer.lora_Bt.normal_(std=0.01)
+            layer.to(dtype)
     adapter.set_rank(args.rank)
     texts = prompts(args.clients)
 
@@ -93,14 +97,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(Path(tmp) / "ckpt", adapter, args.model)
         with serve(args.model, Path(tmp) / "ckpt", "--max-batch-size", str(args.clients),
-                   "--calibrate-steps", "0") as url:
+                   "--calibrate-steps", "0", "--dtype", dtype_name) as url:
             for _ in range(args.reps):  # interleaved, so that machine noise hits both alike
                 statics.append(generate_rate(model, tok, texts, args.new_tokens))
                 served.append(asyncio.run(server_rate(url, texts, args.rank, args.new_tokens)))
     static, served_best = max(statics), max(served)
 
     print(f"# serve_throughput  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# torch {torch.__version__}, cpu, fp32, threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(machine_line())
+    print(f"# torch {torch.__version__}, cpu, {dtype_name} (every way), threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     print(f"# model {args.model}, adapter r={args.rank} served at rank {args.rank}, {args.clients} prompts "
           f"(GSM8K test), {args.new_tokens} new tokens each, EOS ignored")
     print(f"# best of {args.reps} interleaved runs (all runs listed)")
