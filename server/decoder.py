@@ -15,6 +15,10 @@ the model's own weights and modules, per layer::
     x += o(a);  h = rmsnorm(x);  x += down(act(gate(h)) ⊙ up(h))
 
 with the mask built once per step (additive, for every layer) and the rotary angles once per step.
+The same layers also run packed sequences (:meth:`LeanDecoder.packed`): a decode step with a
+prompt piece mixed in, a piece alone, or several prompts end to end (a ragged prefill), where the
+cache (``server.kvcache.MixedCache`` / ``RaggedCache``) routes each token's K/V and attention
+exactly as it does under transformers' forward.
 The rotation is transformers' ``q·cos + rotate_half(q)·sin`` with ``rotate_half(q)·sin`` computed
 as ``flip_halves(q)·(−sin₁, sin₂)`` (the same products, negated where rotate_half negates: equal
 bit for bit); RMSNorm keeps transformers' float32 arithmetic and its two roundings.
@@ -57,27 +61,57 @@ class LeanDecoder:
         """``ids`` (B,) one token per row, ``mask`` (B, L+1) 1 = a real column (this token's
         included), ``positions`` (B,), ``cache`` the batch's cache (L columns; each layer's
         ``update`` appends one) → next-token logits (B, V)."""
-        B, d, hq, hkv, g = ids.shape[0], self.d, self.hq, self.hkv, self.g
-        x = self.decoder.embed_tokens(ids)  # (B, H)
-        cos, sin = self.decoder.rotary_emb(x, positions[:, None])  # (B, 1, D) each, x's dtype
-        cos = cos.view(B, 1, d)
-        sin = sin.view(B, 1, 2, d // 2) * torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)[:, None]
-        sin = sin.view(B, 1, d)  # (−sin₁, sin₂): rotate_half's sign, folded into the angles once
-        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(mask == 0, float("-inf"))
-        bias = bias[:, None, None, :]  # (B, 1, 1, L+1) additive, shared by every layer
+        bias = torch.zeros(mask.shape, dtype=self.head.weight.dtype, device=ids.device)
+        bias = bias.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, L+1), every layer's
+        B, d, hkv, g = ids.shape[0], self.d, self.hkv, self.g
+
+        def attend(i, attn, q, k, v):  # q (B, Hq, D), k (B, Hkv, D), v (B, Hkv·D)
+            keys, values = cache.layers[i].update(k[:, :, None], v.view(B, hkv, 1, d))  # (B, Hkv, L+1, D)
+            return F.scaled_dot_product_attention(q.reshape(B, hkv, g, d), keys, values, attn_mask=bias,
+                                                  scale=self.scaling)  # (B, Hkv, g, D)
+
+        return self._logits(self._layers(ids, positions, attend))
+
+    def packed(self, ids: torch.Tensor, positions: torch.Tensor, cache, keep: torch.Tensor) -> torch.Tensor:
+        """One packed sequence of N tokens — the decode rows and a prompt piece (``MixedCache``),
+        or several whole prompts end to end (``RaggedCache``) — each token at its own position;
+        the cache routes each token's K/V and attention (``server.kvcache.mixed_attention``), as
+        under transformers' forward. ``ids``, ``positions`` (N,), ``keep`` the positions whose
+        logits are wanted → (len(keep), V)."""
+        from server.kvcache import mixed_attention
+
+        N, d, hkv = ids.shape[0], self.d, self.hkv
+
+        def attend(i, attn, q, k, v):  # transformers' layout: (1, heads, N, D)
+            kk, vv = cache.update(k.transpose(0, 1)[None], v.view(N, hkv, d).transpose(0, 1)[None], i)
+            out, _ = mixed_attention(attn, q.transpose(0, 1)[None], kk, vv, None, scaling=self.scaling)
+            return out  # (1, N, Hq, D)
+
+        return self._logits(self._layers(ids, positions, attend)[keep])
+
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers over tokens ``ids`` (N,) at ``positions`` (N,) → hidden states (N, H);
+        ``attend(i, attn, q, k, v)`` is layer i's attention (its cache update included)."""
+        N, d, hq, hkv = ids.shape[0], self.d, self.hq, self.hkv
+        x = self.decoder.embed_tokens(ids)  # (N, H)
+        cos, sin = self.decoder.rotary_emb(x, positions[None])  # (1, N, D) each, x's dtype
+        cos = cos.view(N, 1, d)
+        sin = sin.view(N, 1, 2, d // 2) * torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)[:, None]
+        sin = sin.view(N, 1, d)  # (−sin₁, sin₂): rotate_half's sign, folded into the angles once
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(layer.input_layernorm, x)
-            q, k, v = _project3(attn.q_proj, attn.k_proj, attn.v_proj, h, B, hq, hkv, d)
-            q, k = _rope(q, k, cos, sin, B, hq, hkv, d)  # (B, Hq, D), (B, Hkv, D)
-            keys, values = cache.layers[i].update(k[:, :, None], v.view(B, hkv, 1, d))  # (B, Hkv, L+1, D)
-            a = F.scaled_dot_product_attention(q.reshape(B, hkv, g, d), keys, values, attn_mask=bias,
-                                               scale=self.scaling)  # (B, Hkv, g, D)
-            x = x + attn.o_proj(a.reshape(B, hq * d))
+            q, k, v = _project3(attn.q_proj, attn.k_proj, attn.v_proj, h, N, hq, hkv, d)
+            q, k = _rope(q, k, cos, sin, N, hq, hkv, d)  # (N, Hq, D), (N, Hkv, D)
+            a = attend(i, attn, q, k, v)
+            x = x + attn.o_proj(a.reshape(N, hq * d))
             h = _rms_norm(layer.post_attention_layernorm, x)
             gate, up = _project2(mlp.gate_proj, mlp.up_proj, h)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        logits = self.head(_rms_norm(self.decoder.norm, x))  # (B, V)
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(_rms_norm(self.decoder.norm, x))  # (N, V)
         if self.cap:
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits

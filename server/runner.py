@@ -195,11 +195,14 @@ class ModelRunner:
         cache = RaggedCache(lengths)
         self._use_token_ranks(ranks, lengths)
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # each prompt's last token
-        with self._attention_as(MIXED_ATTENTION):
-            out = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions, use_cache=True,
-                             logits_to_keep=ends, **{self._cache_kw: cache})
+        if self.lean is not None:
+            logits = self.lean.packed(ids[0], positions[0], cache, ends)
+        else:
+            with self._attention_as(MIXED_ATTENTION):
+                logits = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions,
+                                    use_cache=True, logits_to_keep=ends, **{self._cache_kw: cache}).logits[0]
         return Prefilled(cache.batch, _left_padded_mask(lengths, self.device), torch.tensor(lengths, device=self.device),
-                         list(ranks), out.logits[0])
+                         list(ranks), logits)
 
     @torch.inference_mode()
     def prefill_piece(self, part: PartialPrefill, n: int) -> Prefilled | None:
@@ -325,10 +328,12 @@ class ModelRunner:
             positions, cache = piece_pos[None], MixedCache(None, piece, 0, None, a, e - a, self.device)
             self._use_ranks([part.rank])
         keep = torch.tensor([*range(B), B + e - a - 1], device=self.device)  # the rows, the piece's last token
-        with self._keeping_hidden(part, B), self._attention_as(MIXED_ATTENTION):
-            out = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions, use_cache=True,
-                             logits_to_keep=keep, **{self._cache_kw: cache})
-        logits = out.logits[0]  # (B + 1, V)
+        if self.lean is not None and part.prompt_logprobs is None:  # (scoring reads the decoder's hidden states)
+            logits = self.lean.packed(ids[0], positions[0], cache, keep)  # (B + 1, V)
+        else:
+            with self._keeping_hidden(part, B), self._attention_as(MIXED_ATTENTION):
+                logits = self.model(input_ids=ids, attention_mask=_PREPARED_MASK, position_ids=positions,
+                                    use_cache=True, logits_to_keep=keep, **{self._cache_kw: cache}).logits[0]
         if B:
             b.mask, b.positions = mask, b.positions + 1
         part.cache, part.done = piece, e
@@ -368,10 +373,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def enable_lean_decode(self, probe: list[int] | None = None) -> bool:
-        """Run decode steps through :class:`server.decoder.LeanDecoder` if this model is one it
-        computes and, on a probe (two rows of unequal prompts at the top and lowest rank, three
-        decode steps), it gives the logits transformers' forward gives. Call with no rows running.
-        Returns the decision (also ``self.lean``)."""
+        """Run decode steps — and, where mixed forwards are on (:meth:`enable_mixed`, call it
+        first), ragged prefills and pieces too — through :class:`server.decoder.LeanDecoder` if
+        this model is one it computes and, on probes (two rows of unequal prompts at the top and
+        lowest rank: three decode steps; :meth:`_probe`'s ragged prefill, pieces and mixed step),
+        it gives the logits transformers' forward gives. Call with no rows running. Returns the
+        decision (also ``self.lean``)."""
         self.lean = None
         lean = lean_decoder(self.model)
         if lean is None or self.batch.size:
@@ -380,8 +387,12 @@ class ModelRunner:
         probe = probe or [1, 2, 3, 4, 5, 6, 7]
         try:
             expect = self._probe_decode(probe, ranks)
+            if self.mixed:  # packed forwards (ragged prefill, pieces mixed into decode steps) run lean too
+                expect = torch.cat([expect, self._probe(probe, ranks, mixed=True)])
             self.lean = lean
             got = self._probe_decode(probe, ranks)
+            if self.mixed:
+                got = torch.cat([got, self._probe(probe, ranks, mixed=True)])
         except Exception as e:  # a layer that does not compute the way the lean step calls it
             log.info("lean decode unavailable for this model (%s); decode steps run through transformers", e)
             self.lean = None

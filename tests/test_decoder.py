@@ -123,3 +123,35 @@ def test_lean_decode_computes_the_transformers_step_of_qwen2_and_mistral(arch):
         runner.lean = lean
         got, _ = decode_logits(runner, ranks)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"{arch} ranks {ranks}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_forwards_run_lean_and_compute_what_transformers_computes(tiny_model_dir, dtype, monkeypatch):
+    """With mixed forwards on, a ragged prefill, a piece alone and a piece mixed into a decode step
+    go through the lean layers too (each token at its own position and rank, the cache routing
+    K/V and attention): the same logits as transformers' forward (fp32 1e-5; bf16 2e-2, as above)."""
+    from server.decoder import LeanDecoder
+
+    model, tok, adapter = trained_adapter(tiny_model_dir)
+    model.to(dtype)
+    for layer in adapter.layers.values():
+        layer.to(dtype)
+    adapter.fuse()
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    assert runner.enable_mixed() and runner.ragged
+    assert runner.enable_lean_decode()
+    calls = []
+    real = LeanDecoder.packed
+    monkeypatch.setattr(LeanDecoder, "packed", lambda self, *a: calls.append(len(a[0])) or real(self, *a))
+    probe, top = [3, 9, 14, 2, 27, 5, 11], adapter.config.r  # 7 tokens: _probe pieces them 3 + 4
+    lean = runner.lean
+    for ranks in ([top, 1], [0, 0]):
+        runner.lean = None
+        want = runner._probe(probe, ranks, mixed=True)
+        assert not calls
+        runner.lean = lean
+        got = runner._probe(probe, ranks, mixed=True)
+        assert len(calls) == 3  # the ragged prefill, the piece alone, the mixed step
+        calls.clear()
+        atol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"ranks {ranks}: {m}")
