@@ -4,7 +4,7 @@ Same model, same batch, same prompts, one run; every variant is measured once pe
 new random order each round (the adapter is put in each variant's state right before it runs),
 so machine noise and position effects hit every variant alike. Measured on the engine's model runner
 (``server.runner.ModelRunner``: left-padded KV batch, per-row ranks), i.e. the serving path
-without HTTP. Rows:
+without HTTP, decode steps lean where the server's are (``--decode auto``: server.decoder). Rows:
 
 * ``rank k``                every row at rank k, adapter unmerged, each module its own ops (server
                             ``--fuse false``; the default with standard GEMMs)

@@ -51,6 +51,18 @@ class AppState:
     ready: bool = False
     draining: bool = False
 
+    def compute_info(self) -> dict:
+        """How this server computes (what its throughput table was measured under)."""
+        import torch
+
+        from trainer.kernels import gemm_mode
+
+        runner = self.engine.runner
+        return {"device": str(runner.device), "dtype": str(runner.model.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(), "gemm": gemm_mode(runner.model),
+                "fused": bool(runner.adapter is not None and runner.adapter.groups),
+                "decode": "lean" if runner.lean is not None else "transformers", "mixed_prefill": runner.mixed}
+
     def inference_info(self) -> dict:
         """The rule and the coefficients c_k each rank is served with (none without an adapter)."""
         adapter = self.engine.runner.adapter
@@ -387,7 +399,7 @@ def build_app(settings: ServerSettings, state: AppState | None = None) -> FastAP
                         method=s.meta.get("method", "none"), default_rank=settings.default_rank,
                         inference=s.inference_info(),
                         eval=s.meta.get("eval") or {}, throughput={str(k): v for k, v in s.throughput.items()},
-                        controller=s.controller.describe(), merge=s.merge_info())
+                        controller=s.controller.describe(), merge=s.merge_info(), compute=s.compute_info())
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(authorised)],
               responses={400: {"model": ErrorBody}, 429: {"model": ErrorBody}, 504: {"model": ErrorBody}})

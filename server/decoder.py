@@ -42,7 +42,8 @@ _MLP = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 
 class LeanDecoder:
-    """One decode step (:meth:`step`) of ``model`` in few ops. Build with :func:`lean_decoder`."""
+    """``model``'s decode step (:meth:`step`) and packed forwards (:meth:`packed`) in few ops, on
+    its own modules and weights. Build with :func:`lean_decoder`."""
 
     def __init__(self, model: nn.Module):
         cfg = model.config

@@ -151,6 +151,8 @@ class RankInfo(BaseModel):
     throughput: dict[str, float] = Field(default_factory=dict, description="measured decode tokens/s per rank")
     controller: dict = Field(default_factory=dict)
     merge: dict = Field(default_factory=dict, description="mode (off | fixed | auto) and the rank merged now")
+    compute: dict = Field(default_factory=dict, description="how the server computes: device, dtype, torch threads, "
+                          "GEMM mode, fused siblings, decode path (lean | transformers), prefill pieces mixed in")
 
 
 class ErrorDetail(BaseModel):

@@ -63,6 +63,9 @@ def test_health_ready_and_ranks(http):
     assert info["ranks"] == [0, 1, 2, 4, 8] and info["scaling"] == "sqrt" and info["method"] == "matryoshka"
     assert info["inference"]["rule"] == "trained"  # Matryoshka's default: rank k serves p[:k]
     assert info["inference"]["coeffs"]["8"][0] == pytest.approx(1 + 2 ** -0.5 + 0.5 + 8 ** -0.5)
+    compute = info["compute"]  # how it computes: the tiny Llama decodes lean, pieces mixed in
+    assert compute["device"] == "cpu" and compute["decode"] == "lean" and compute["mixed_prefill"] is True
+    assert compute["gemm"] in ("standard", "weight-major", "packed") and compute["threads"] >= 1
 
 
 def test_generate_reports_rank_usage_and_timings(http):
