@@ -117,6 +117,7 @@ def _setup_adapter(settings: ServerSettings, model):
     if model.dtype != torch.float32:  # no autocast when serving: the adapter runs in the base dtype
         for layer in adapter.layers.values():
             layer.to(model.dtype)
+        adapter.set_coeffs(adapter.state.coeffs)  # the coefficients set at load, in the layers' dtype too
     return adapter, meta
 
 

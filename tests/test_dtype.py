@@ -94,3 +94,19 @@ def test_batched_engine_in_bf16_equals_one_request_at_a_time_in_bf16(tiny_model_
                 compared += 1
                 ids.append(got[step])
     assert compared >= 12  # the comparison was not vacuous
+
+
+def test_an_adapter_served_in_bf16_computes_before_any_rank_is_set(tiny_model_dir, tiny_checkpoint):
+    """The server casts a loaded adapter to the base model's bf16; the coefficients set at load
+    are cast with it, so any forward (the start-up probes run several) works before the runner
+    sets a row's rank (they stayed fp32, and ``h @ B`` met an fp32 h and a bf16 B)."""
+    from conftest import load_tiny
+    from server.app import _setup_adapter
+    from server.settings import ServerSettings
+
+    model, _ = load_tiny(tiny_model_dir, torch.bfloat16)
+    adapter, _ = _setup_adapter(ServerSettings(model=str(tiny_model_dir), adapter=str(tiny_checkpoint)), model)
+    assert adapter.state.coeffs is not None and adapter.state.coeffs.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[5, 9, 13]])).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
