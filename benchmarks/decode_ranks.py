@@ -27,6 +27,7 @@ than ``base weights ÷ (base weights + adapter weights at rank r)`` of rank 0; p
 printed too).
 
     python benchmarks/decode_ranks.py [--model smollm2-135m] [--batch 8] [--steps 32] [--reps 5]
+        [--only REGEX] [--vs-standard] [--vs-transformers]
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--decode", default="auto", choices=["auto", "transformers"],
                     help="the server's --decode: auto runs decode steps lean where the probe agrees (server.decoder)")
     ap.add_argument("--vs-standard", action="store_true", help="also every variant with standard GEMMs")
+    ap.add_argument("--vs-transformers", action="store_true",
+                    help="also every variant with decode steps through transformers' forward (… [transformers])")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -99,6 +102,7 @@ def main() -> None:
             layer.to(dtype)
     runner = ModelRunner(model, adapter, tok.pad_token_id)
     lean = args.decode == "auto" and runner.enable_lean_decode()
+    lean_step = runner.lean
     ids = tok(PROMPT)["input_ids"]
     prompts = [ids[: len(ids) - i % 4] for i in range(args.batch)]  # slightly ragged, as in serving
     R = adapter.config.ranks
@@ -115,21 +119,25 @@ def main() -> None:
     for k in sorted({0, 1, 2, 8, top}):
         plain[f"rank {k} (fused)"] = ([k] * args.batch, None, True)
     plain["mixed (all ranks) (fused)"] = (mixed, None, True)
-    variants = {name: (*v, mode) for name, v in plain.items()}
+    variants = {name: (*v, mode, lean) for name, v in plain.items()}  # …, GEMM mode, lean decode
     if args.vs_standard:
-        variants |= {f"{name} [F.linear]": (*v, "standard") for name, v in plain.items()}
+        variants |= {f"{name} [F.linear]": (*v, "standard", lean) for name, v in plain.items()}
+    if args.vs_transformers and lean:
+        variants |= {f"{name} [transformers]": (*v, mode, False) for name, v in plain.items()}
 
     if args.only:
-        variants = {n: v for n, v in variants.items() if re.match(r"rank 0( \(fused\))?( \[F.linear\])?$", n)
-                    or re.search(args.only, n)}
+        variants = {n: v for n, v in variants.items()
+                    if re.match(r"rank 0( \(fused\))?( \[(F.linear|transformers)\])?$", n)
+                    or re.search(args.only, n.removesuffix(" [transformers]"))}
     times: dict[str, list[float]] = {name: [] for name in variants}
     remerge_s = []
     for rep in range(args.reps + 1):  # the first round warms up and is dropped
         order = list(variants.items())
         random.Random(rep).shuffle(order)
-        for name, (ranks, merged, fused, gemm) in order:
+        for name, (ranks, merged, fused, gemm, lean_on) in order:
             adapter.fuse() if fused else adapter.unfuse()
             use_gemm(model, gemm)
+            runner.lean = lean_step if lean_on else None
             t0 = time.perf_counter()
             runner.remerge(0 if merged is None else merged)  # 0: the plain base weights (unmerged)
             remerge_s.append(time.perf_counter() - t0)
@@ -144,7 +152,8 @@ def main() -> None:
     best = {name: max(v) for name, v in times.items()}  # least disturbed by other load on the machine
 
     def base_of(name: str) -> str:  # rank 0 of the same path
-        return "rank 0" + " (fused)" * ("(fused)" in name) + " [F.linear]" * ("[F.linear]" in name)
+        return ("rank 0" + " (fused)" * ("(fused)" in name) + " [F.linear]" * ("[F.linear]" in name)
+                + " [transformers]" * ("[transformers]" in name))
 
     print(f"# decode_ranks  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(machine_line())
@@ -160,6 +169,10 @@ def main() -> None:
     if args.vs_standard:
         print(f"# {mode} ÷ standard (best): " + ", ".join(
             f"{n} {best[n] / best[n + ' [F.linear]']:.2f}" for n in plain if n in best))
+    if args.vs_transformers and lean:
+        print("# lean ÷ transformers' forward (best): " + ", ".join(
+            f"{n} {best[n] / best[n + ' [transformers]']:.2f}" for n in plain
+            if n in best and n + " [transformers]" in best))
     print(f"# one re-merge (rebuild W0 + dW_k in {len(adapter.layers)} layers) took "
           f"{statistics.median(remerge_s[len(variants):]):.3f} s (median)")
     base_w = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))

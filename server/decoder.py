@@ -47,7 +47,6 @@ class LeanDecoder:
 
     def __init__(self, model: nn.Module):
         cfg = model.config
-        self.model = model
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.layers = list(self.decoder.layers)
@@ -102,12 +101,12 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(layer.input_layernorm, x)
-            q, k, v = _project3(attn.q_proj, attn.k_proj, attn.v_proj, h, N, hq, hkv, d)
+            q, k, v = _project((attn.q_proj, attn.k_proj, attn.v_proj), h)  # (N, Hq·D), (N, Hkv·D) ×2
             q, k = _rope(q, k, cos, sin, N, hq, hkv, d)  # (N, Hq, D), (N, Hkv, D)
             a = attend(i, attn, q, k, v)
             x = x + attn.o_proj(a.reshape(N, hq * d))
             h = _rms_norm(layer.post_attention_layernorm, x)
-            gate, up = _project2(mlp.gate_proj, mlp.up_proj, h)
+            gate, up = _project((mlp.gate_proj, mlp.up_proj), h)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return x
 
@@ -125,47 +124,32 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * xf.to(x.dtype)
 
 
-def _fused_all(modules: tuple[nn.Module, ...]):
-    """The fused group (``trainer.fusion.FusedGroup``) whose members are exactly ``modules``, in
-    this order, or None."""
+def _project(modules: tuple[nn.Module, ...], h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each module's output for ``h`` (N, H) — column slices of one output when they are exactly
+    one fused group (``trainer.fusion.FusedGroup``: q/k/v, gate/up), so q and k stay adjacent."""
     group = getattr(modules[0], "group", None)
-    if group is None or len(group.members) != len(modules) or any(a is not b for a, b in zip(group.members, modules)):
-        return None
-    return group
-
-
-def _project3(qp, kp, vp, h, B, hq, hkv, d):
-    """q, k, v of ``h`` (B, H): ``(B, Hq·D)``, ``(B, Hkv·D)``, ``(B, Hkv·D)`` — from one fused
-    output when the three are fused (q and k then adjacent columns of it)."""
-    group = _fused_all((qp, kp, vp))
-    if group is not None:
-        z = group.forward_all(h)  # (B, T) = [q | k | v]
+    if group is not None and len(group.members) == len(modules) and all(
+            a is b for a, b in zip(group.members, modules)):
+        z = group.forward_all(h)  # (N, T) = [q | k | v] or [gate | up]
         return tuple(z[:, sl] for sl in group.slices)
-    return qp(h), kp(h), vp(h)
-
-
-def _project2(gp, up, h):
-    group = _fused_all((gp, up))
-    if group is not None:
-        z = group.forward_all(h)  # (B, 2I) = [gate | up]
-        return tuple(z[:, sl] for sl in group.slices)
-    return gp(h), up(h)
+    return tuple(m(h) for m in modules)
 
 
 def _rope(q, k, cos, sin, B, hq, hkv, d):
-    """transformers' rotary embedding of q and k, ``x·cos + rotate_half(x)·sin`` with
-    ``rotate_half(x)·sin = flip_halves(x)·sin`` (``sin`` already signed): one pass for both when
-    k's columns follow q's in one tensor (fused q/k/v), else one each."""
+    """transformers' rotary embedding of q and k (:func:`_rotate`): one pass for both when k's
+    columns follow q's in one tensor (fused q/k/v), else one each."""
     if (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() and q.stride() == k.stride()
             and k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size()):
-        qk = q.as_strided((B, hq + hkv, d), (q.stride(0), d, 1))  # columns [q | k] of the fused output
-        qk = qk * cos + qk.view(B, hq + hkv, 2, d // 2).flip(-2).view(B, hq + hkv, d) * sin
+        qk = _rotate(q.as_strided((B, hq + hkv, d), (q.stride(0), d, 1)), cos, sin)  # columns [q | k]
         return qk[:, :hq], qk[:, hq:]
-    out = []
-    for t, n in ((q, hq), (k, hkv)):
-        t = t.reshape(B, n, d)
-        out.append(t * cos + t.view(B, n, 2, d // 2).flip(-2).view(B, n, d) * sin)
-    return out[0], out[1]
+    return _rotate(q.reshape(B, hq, d), cos, sin), _rotate(k.reshape(B, hkv, d), cos, sin)
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``t·cos + rotate_half(t)·sin`` for t (N, heads, D), as ``t·cos + flip_halves(t)·sin`` with
+    ``sin`` already signed (−sin₁, sin₂): the same products, bit for bit."""
+    n, heads, d = t.shape
+    return t * cos + t.view(n, heads, 2, d // 2).flip(-2).view(n, heads, d) * sin
 
 
 def lean_decoder(model: nn.Module) -> LeanDecoder | None:

@@ -323,12 +323,12 @@ class Engine:
             t0 = time.perf_counter()
             if mixed and self._partial is not None:
                 out, piece, n = self._decode_with_piece(tokens, stats)
-                self._cost.piece(n, time.perf_counter() - t0)
-                stats.forward_s["mixed"] = time.perf_counter() - t0
+                stats.forward_s["mixed"] = dt = time.perf_counter() - t0
+                self._cost.piece(n, dt)
             else:
                 out = isolation.decode(self.runner, tokens)
-                self._cost.decode(time.perf_counter() - t0, len(tokens))
-                stats.forward_s["decode"] = time.perf_counter() - t0
+                stats.forward_s["decode"] = dt = time.perf_counter() - t0
+                self._cost.decode(dt, len(tokens))
             if out.errors:  # the runner already holds only the kept rows
                 stats.retried_apart += 1
                 for i, err in out.errors.items():
@@ -458,9 +458,10 @@ class Engine:
         t0 = time.perf_counter()
         try:
             new, error = isolation.prefill_piece(self.runner, part, n)
-            stats.forward_s["piece"] = stats.forward_s.get("piece", 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            stats.forward_s["piece"] = stats.forward_s.get("piece", 0.0) + dt
             if self._rows:  # a piece apart adds its whole time to the step
-                self._cost.piece(n, time.perf_counter() - t0, apart=True)
+                self._cost.piece(n, dt, apart=True)
         except isolation.ModelBroken:
             self._partial = None
             with self._cv:  # answered by _fail_all once the engine is marked dead

@@ -135,48 +135,52 @@ def test_switching_back_restores_plain_linears(tiny_model_dir):
 
 
 def test_modes_resolve_without_probing_where_the_answer_is_known(tmp_path, monkeypatch):
-    monkeypatch.setattr(kernels, "_time_gemms", lambda *a, **k: pytest.fail("probed"))
+    monkeypatch.setattr(kernels, "_time_forwards", lambda *a, **k: pytest.fail("probed"))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for mode in ("standard", "weight-major", "packed"):
         assert resolve_gemm(mode, cpu, torch.float32, tmp_path) == mode
     assert resolve_gemm("auto", cuda, torch.bfloat16, tmp_path) == "standard"  # cuBLAS needs no help
     with pytest.raises(ValueError, match="auto, standard, weight-major, packed; got 'fast'"):
         resolve_gemm("fast", cpu, torch.float32, tmp_path)
+    with pytest.raises(ValueError, match="times the model's own forward"):  # nothing made-up to time instead
+        resolve_gemm("auto", cpu, torch.float32, tmp_path)
 
 
-def test_the_probe_is_measured_once_cached_and_picks_the_fastest(tmp_path, monkeypatch):
+def test_the_probe_is_measured_once_cached_and_picks_the_fastest(tmp_path, tiny_model_dir, monkeypatch):
+    from conftest import load_tiny
+
+    model, _ = load_tiny(tiny_model_dir)
     calls = []
 
-    def fake(dtype, mode, reps=3):
-        calls.append(mode)
-        return {"standard": 3.0, "weight-major": 2.0, "packed": 1.5}[mode]
-    monkeypatch.setattr(kernels, "_time_gemms", fake)
+    def fake(probed, reps=4):
+        calls.append(probed)
+        return {"standard": 3.0, "weight-major": 2.0, "packed": 1.5}
+    monkeypatch.setattr(kernels, "_time_forwards", fake)
     cpu = torch.device("cpu")
-    assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "packed"
-    assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "packed"
-    assert calls == ["standard", "weight-major", "packed"]  # the second answer came from the cache
+    assert resolve_gemm("auto", cpu, torch.float32, tmp_path, model) == "packed"
+    assert resolve_gemm("auto", cpu, torch.float32, tmp_path, model) == "packed"
+    assert calls == [model]  # every mode timed in one probe of this model; the second answer from the cache
     path = tmp_path / "gemm-probe.json"
     cached = json.loads(path.read_text())
     assert list(cached.values()) == [{"weight-major": 1.5, "packed": 2.0}]
     key = next(iter(cached))
     cached[key] = {"weight-major": 1.2, "packed": 0.9}  # a CPU where packing does not pay
     path.write_text(json.dumps(cached))
-    assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "weight-major"
+    assert resolve_gemm("auto", cpu, torch.float32, tmp_path, model) == "weight-major"
     cached[key] = {"weight-major": 1.03, "packed": 0.9}  # nor either: kept standard
     path.write_text(json.dumps(cached))
-    assert resolve_gemm("auto", cpu, torch.float32, tmp_path) == "standard"
+    assert resolve_gemm("auto", cpu, torch.float32, tmp_path, model) == "standard"
 
 
 def test_the_probe_times_the_models_own_forward_and_leaves_its_mode(tmp_path, tiny_model_dir, monkeypatch):
-    """Given a model, the probe times its forward in every mode (not made-up GEMMs), caches the
+    """The probe times the model's forward in every mode (not made-up GEMMs), caches the
     answer under the model's linear shapes, and leaves the model computing as it did."""
     from conftest import load_tiny
     from trainer.kernels import gemm_speedups
 
-    monkeypatch.setattr(kernels, "_time_gemms", lambda *a, **k: pytest.fail("made-up GEMMs timed"))
     model, _ = load_tiny(tiny_model_dir)
     use_gemm(model, "weight-major")
-    speedups = gemm_speedups(torch.float32, tmp_path, model)
+    speedups = gemm_speedups(torch.float32, model, tmp_path)
     assert set(speedups) == {"weight-major", "packed"} and all(v > 0 for v in speedups.values())
     assert gemm_mode(model) == "weight-major"
     keys = list(json.loads((tmp_path / "gemm-probe.json").read_text()))

@@ -147,39 +147,39 @@ GEMM_HELP = (f"how linears are computed on the CPU: packed (oneDNN's blocked wei
 def resolve_gemm(choice: str, device: torch.device, dtype: torch.dtype, cache: Path | None = None,
                  model: nn.Module | None = None) -> GemmMode:
     """The mode ``choice`` means here: itself, or for ``auto`` the fastest of :func:`gemm_speedups`
-    (on ``model``'s own forward, where given) on a CPU where it is ≥ :data:`MIN_SPEEDUP` ×
-    standard, else ``standard`` (always on CUDA)."""
+    on ``model``'s own forward on a CPU where it is ≥ :data:`MIN_SPEEDUP` × standard, else
+    ``standard`` (always on CUDA)."""
     if choice not in ("auto", *MODES):
         raise ValueError(f"GEMM mode must be auto, {', '.join(MODES)}; got {choice!r}")
     if choice != "auto":
         return choice
     if device.type != "cpu":
         return "standard"
-    speedups = gemm_speedups(dtype, cache, model)
+    if model is None:
+        raise ValueError("GEMM mode auto times the model's own forward in every mode: pass the model")
+    speedups = gemm_speedups(dtype, model, cache)
     best = max(speedups, key=speedups.get)
     return best if speedups[best] >= MIN_SPEEDUP else "standard"
 
 
-def gemm_speedups(dtype: torch.dtype = torch.float32, cache: Path | None = None,
-                  model: nn.Module | None = None) -> dict[str, float]:
+def gemm_speedups(dtype: torch.dtype, model: nn.Module, cache: Path | None = None) -> dict[str, float]:
     """Standard ÷ weight-major and ÷ packed time of a decode-sized forward of ``model``
     (``PROBE_ROWS`` rows of one token: every weight read once, and every op after a linear on the
-    layout that linear returns, as in a decode step) or, without a model, of 16-row GEMMs on 24
-    MLP-sized (576→1536) weights. GEMMs alone mislead: on a Xeon with AMX and a 480 MB L3, 16-row
-    GEMMs over SmolLM2's own weights measured weight-major 1.3× standard and packed 1.28×, while
-    its real decode step was 8% slower weight-major (whose output is a transposed view the ops
-    after it pay for) and 12% faster packed. Modes are timed in turn, the order reversed every
-    round, best of the rounds; cached per CPU model, torch version, dtype, thread count and the
-    model's linear shapes (under ``cache``, default :func:`trainer.models.cache_dir`)."""
+    layout that linear returns, as in a decode step). GEMMs alone mislead: on a Xeon with AMX and a
+    480 MB L3, 24 made-up 576×1536 weights stayed in cache and measured weight-major 1.5× standard;
+    16-row GEMMs over SmolLM2's own weights measured weight-major 1.3× and packed 1.28×, while its
+    real decode step was 8% slower weight-major (whose output is a transposed view the ops after it
+    pay for) and 12% faster packed. Modes are timed in turn, the order reversed every round, best
+    of the rounds; cached per CPU model, torch version, dtype, thread count and the model's linear
+    shapes (under ``cache``, default :func:`trainer.models.cache_dir`)."""
     from trainer.models import cached_probe, cpu_model_name
 
-    key = f"{cpu_model_name()}|torch {torch.__version__}|{dtype}|{torch.get_num_threads()} threads"
-    if model is not None:
-        ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-        key += f"|forward: {len(ws)} linears, {sum(w.numel() for w in ws)} weights"
+    ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    key = (f"{cpu_model_name()}|torch {torch.__version__}|{dtype}|{torch.get_num_threads()} threads"
+           f"|forward: {len(ws)} linears, {sum(w.numel() for w in ws)} weights")
 
     def measure() -> dict[str, float]:
-        t = _time_forwards(model) if model is not None else {mode: _time_gemms(dtype, mode) for mode in MODES}
+        t = _time_forwards(model)
         return {mode: t["standard"] / t[mode] for mode in MODES[1:]}
 
     return cached_probe("gemm-probe.json", key, measure, cache)
@@ -207,20 +207,4 @@ def _time_forwards(model: nn.Module, reps: int = 4) -> dict[GemmMode, float]:
                         best[mode] = min(best[mode], time.perf_counter() - t0)
     finally:
         use_gemm(model, before)
-    return best
-
-
-def _time_gemms(dtype: torch.dtype, mode: GemmMode, reps: int = 3) -> float:
-    gen = torch.Generator().manual_seed(0)
-    ws = [torch.randn(1536, 576, generator=gen).to(dtype) for _ in range(24)]
-    x = torch.randn(16, 576, generator=gen).to(dtype)
-    packs = [PackedWeight() if mode == "packed" else None for _ in ws]
-    rows = MAX_ROWS if mode == "weight-major" else 0
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            for w, p in zip(ws, packs):
-                linear(x, w, max_rows=rows, packed=p)
-            best = min(best, time.perf_counter() - t0)
     return best
