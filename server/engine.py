@@ -50,10 +50,16 @@ log = logging.getLogger(__name__)
 
 class ModelThread:
     """One thread for all of the model's compute: start-up (loading, probes, calibration), then
-    the engine loop. Measured here (AVX2, 2 cores, MKL + GNU OpenMP): once one thread has run
-    GEMMs, the same GEMMs on another thread run 1.3-1.9x slower for the rest of the process (a
-    server that calibrated on its start-up thread decoded at 0.53x the speed of one that had
-    not), so the forwards never change threads."""
+    the engine loop. Once a second thread has run a parallel region, GNU OpenMP manages more
+    threads than there are CPUs and *throttles* its workers' spin-wait (100 spins instead of
+    300,000), so from then on every parallel op pays a futex sleep and wake-up, whichever thread
+    calls it. Measured on 2 cores: a 16×576 @ 576×1536 bf16 GEMM 95 µs on the only
+    OpenMP thread, 320-350 µs once another thread had run one (its two threads then use 1.05
+    cores between them instead of 2); a SmolLM2 decode step of 16 rows 58 ms → 100-112 ms, and
+    115-125 ms afterwards on the first thread too (earlier, AVX2 + MKL: a server that calibrated
+    on its start-up thread decoded at 0.53× the speed). So the forwards never change threads, and
+    the HTTP thread runs no torch op (routes and request models import no torch; samplers, masks
+    and generators are made here)."""
 
     def __init__(self, name: str = "engine"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
