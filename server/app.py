@@ -61,7 +61,8 @@ class AppState:
         return {"device": str(runner.device), "dtype": str(runner.model.dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(), "gemm": gemm_mode(runner.model),
                 "fused": bool(runner.adapter is not None and runner.adapter.groups),
-                "decode": "lean" if runner.lean is not None else "transformers", "mixed_prefill": runner.mixed}
+                "decode": "lean" if runner.lean is not None else "transformers",
+                "compiled_rank0_decode": runner.compiled is not None, "mixed_prefill": runner.mixed}
 
     def inference_info(self) -> dict:
         """The rule and the coefficients c_k each rank is served with (none without an adapter)."""
@@ -136,6 +137,13 @@ def _setup_runner(settings: ServerSettings, model, adapter, tok) -> ModelRunner:
                              "(Llama, Qwen2 or Mistral layers, full attention; see the log); use --decode auto or "
                              "transformers")
         log.info("decode steps %s (--decode %s)", "lean" if lean else "through transformers", settings.decode)
+    if settings.compile == "decode":
+        probe = tok("The quick brown fox jumps over the lazy dog, and then it runs far away.")["input_ids"]
+        if len(probe) < 7 or not runner.enable_compiled_decode(probe):
+            raise ValueError(f"--compile decode: rank-0 decode steps of {settings.model} cannot run compiled here "
+                             "(it needs a CPU, the lean decode step and a compiled graph that matches it; see the "
+                             "log); use --compile off")
+        log.info("rank-0 decode steps compiled (--compile decode)")
     return runner
 
 

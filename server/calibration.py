@@ -80,5 +80,5 @@ def cache_key(settings, meta: dict, device, dtype, gemm: str = "standard") -> di
     return {"model": settings.model, "adapter": meta.get("adapter_sha256"), "device": str(device),
             "dtype": str(dtype), "batch": settings.max_batch_size, "steps": settings.calibrate_steps,
             "merge_rank": settings.merge_rank, "fuse": settings.fuse, "gemm": gemm,
-            "decode": settings.decode, "threads": torch.get_num_threads(),
+            "decode": settings.decode, "compile": settings.compile, "threads": torch.get_num_threads(),
             "cpu": cpu_model_name() if str(device) == "cpu" else str(device)}

@@ -28,7 +28,7 @@ FLAGS = {  # flag → (settings field, type)
     "--request-timeout-s": ("request_timeout_s", float), "--max-body-bytes": ("max_body_bytes", int),
     "--api-key": ("api_key", str), "--default-rank": ("default_rank", str), "--merge-rank": ("merge_rank", str),
     "--merge-dwell-s": ("merge_dwell_s", float), "--inference-rule": ("inference_rule", str), "--fuse": ("fuse", str),
-    "--gemm": ("gemm", str), "--decode": ("decode", str),
+    "--gemm": ("gemm", str), "--decode": ("decode", str), "--compile": ("compile", str),
     "--grace-period-s": ("grace_period_s", float), "--log-level": ("log_level", str),
     "--step-timeout-s": ("step_timeout_s", float),
     "--controller": ("controller", str), "--min-rank": ("min_rank", int), "--max-rank": ("max_rank", int),

@@ -103,6 +103,7 @@ class ModelRunner:
         self.mixed = False  # decode_with_piece available (enable_mixed(): checked on a probe)
         self.ragged = False  # prefill of unequal prompts unpadded (enable_mixed(): checked on a probe)
         self.lean: LeanDecoder | None = None  # decode steps in few ops (enable_lean_decode(): checked on a probe)
+        self.compiled = None  # rank-0 decode steps as one compiled graph (enable_compiled_decode())
 
     # -- adapter coefficients ----------------------------------------------------------------------
     def _use_ranks(self, ranks: list[int]) -> None:
@@ -294,7 +295,9 @@ class ModelRunner:
         b = self.batch
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
         b.mask = torch.cat([b.mask, b.mask.new_ones((b.size, 1))], dim=1)  # (B, L+1)
-        if self.lean is not None:
+        if self.compiled is not None and self._base_only(b.ranks):
+            logits = self.compiled.step(ids[:, 0], b.mask, b.positions, b.cache)
+        elif self.lean is not None:
             self._use_ranks(b.ranks)
             logits = self.lean.step(ids[:, 0], b.mask, b.positions, b.cache)
         else:
@@ -399,13 +402,54 @@ class ModelRunner:
             return False
         finally:
             self.reset()
-        tol = self._probe_tolerance(expect)
-        err = float((got - expect).abs().max())
-        if err > tol:
-            log.warning("lean decode differs from transformers' forward by %.3g (tolerance %.3g); decode steps run "
-                        "through transformers", err, tol)
+        if not self._agrees(got, expect, "lean decode differs from transformers' forward",
+                            "decode steps run through transformers"):
             self.lean = None
         return self.lean is not None
+
+    def _base_only(self, ranks: list[int]) -> bool:
+        """Whether a step with these row ranks computes the base model as it was compiled: every
+        row at rank 0 and no rank merged into the weights."""
+        return (self.adapter is None or self.adapter.merged_rank is None) and not any(ranks)
+
+    def enable_compiled_decode(self, probe: list[int] | None = None) -> bool:
+        """Run decode steps whose rows are all at rank 0 (with nothing merged) through
+        :class:`server.compiled.CompiledDecode`: compiled now (its graphs for one row and for
+        several), kept if on a probe (three decode steps of two rows, and of one) its logits are
+        the lean step's within :meth:`_probe_tolerance` — twice it in bf16, where the compiled
+        kernels keep float32 between ops that the lean step rounds to bf16. Needs the lean step
+        (:meth:`enable_lean_decode` first) and a CPU; call with no rows running. Returns the
+        decision (also ``self.compiled``)."""
+        from server.compiled import CompiledDecode
+
+        self.compiled = None
+        if self.lean is None or self.batch.size or self.device.type != "cpu" or not self._base_only([]):
+            return False
+        probe = probe or [1, 2, 3, 4, 5, 6, 7]
+        try:
+            expect = torch.cat([self._probe_decode(probe, [0, 0]), self._probe_decode(probe, [0])])
+            self.compiled = CompiledDecode(self.lean)
+            got = torch.cat([self._probe_decode(probe, [0, 0]), self._probe_decode(probe, [0])])
+        except Exception as e:  # a model or torch build the compiler does not handle
+            log.warning("compiled decode unavailable (%s: %s); rank-0 decode steps run lean", type(e).__name__, e)
+            self.compiled = None
+            return False
+        finally:
+            self.reset()
+        if not self._agrees(got, expect, "compiled decode differs from the lean step", "rank-0 decode steps run lean",
+                            bf16_factor=2):
+            self.compiled = None
+        return self.compiled is not None
+
+    def _agrees(self, got: torch.Tensor, expect: torch.Tensor, differs: str, fallback: str,
+                bf16_factor: float = 1) -> bool:
+        """Whether two ways of computing a probe agree within :meth:`_probe_tolerance` (times
+        ``bf16_factor`` below fp32); logs what differs and what runs instead where they do not."""
+        tol = self._probe_tolerance(expect) * (1 if self.model.dtype == torch.float32 else bf16_factor)
+        err = float((got - expect).abs().max())
+        if err > tol:
+            log.warning("%s by %.3g (tolerance %.3g); %s", differs, err, tol, fallback)
+        return err <= tol
 
     def _probe_tolerance(self, expect: torch.Tensor) -> float:
         """How far a probe's logits may differ between two ways of computing them: summation order
@@ -413,10 +457,11 @@ class ModelRunner:
         return (1e-4 if self.model.dtype == torch.float32 else 3e-2) * (1 + float(expect.abs().max()))
 
     def _probe_decode(self, probe: list[int], ranks: list[int]) -> torch.Tensor:
-        """Logits of three decode steps of two rows of unequal prompts (left padding in the mask)."""
+        """Logits of three decode steps of rows of unequal prompts (left padding in the mask),
+        one row per rank given (at most two)."""
         self.reset()
-        self.join(self.prefill([probe[:4], probe[:2]], ranks))
-        steps = [self.decode([probe[4 + i], probe[i]]) for i in range(3)]
+        self.join(self.prefill([probe[:4], probe[:2]][:len(ranks)], ranks))
+        steps = [self.decode([probe[4 + i], probe[i]][:len(ranks)]) for i in range(3)]
         return torch.cat(steps).float()
 
     def _probe(self, probe: list[int], ranks: list[int], mixed: bool) -> torch.Tensor:

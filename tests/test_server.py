@@ -65,6 +65,7 @@ def test_health_ready_and_ranks(http):
     assert info["inference"]["coeffs"]["8"][0] == pytest.approx(1 + 2 ** -0.5 + 0.5 + 8 ** -0.5)
     compute = info["compute"]  # how it computes: the tiny Llama decodes lean, pieces mixed in
     assert compute["device"] == "cpu" and compute["decode"] == "lean" and compute["mixed_prefill"] is True
+    assert compute["compiled_rank0_decode"] is False  # --compile off (the default)
     assert compute["gemm"] in ("standard", "weight-major", "packed") and compute["threads"] >= 1
 
 

@@ -1,0 +1,111 @@
+"""Rank-0 decode steps as one compiled graph (server.compiled): the lean step's function, and only
+where it is the function the rows need."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import trained_adapter
+from server.runner import ModelRunner
+from test_decoder import PROMPTS, decode_logits
+from trainer.kernels import use_gemm
+
+
+class Counted:
+    """The compiled step, counting its calls (it still computes)."""
+
+    def __init__(self, compiled):
+        self.compiled, self.calls = compiled, 0
+
+    def step(self, *args):
+        self.calls += 1
+        return self.compiled.step(*args)
+
+
+@pytest.fixture(scope="module")
+def compiled_runner(tiny_model_dir):
+    """A fused, packed-GEMM runner whose rank-0 steps run compiled (compiled once for the module:
+    two graphs, one row and several, ~10 s here)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("the compiled graph's frozen GEMMs need oneDNN")
+    model, tok, adapter = trained_adapter(tiny_model_dir)
+    adapter.fuse()
+    use_gemm(model, "packed")
+    runner = ModelRunner(model, adapter, tok.pad_token_id)
+    assert runner.enable_lean_decode()
+    assert runner.enable_compiled_decode()
+    assert runner.batch.size == 0  # the probe left no rows
+    return runner
+
+
+def test_compiled_rank0_steps_compute_the_lean_step_and_fill_the_same_cache(compiled_runner):
+    """Logits and the cache after four steps equal the lean step's, for several rows (one graph, B
+    symbolic) and for one (its own graph), fp32 to summation order: the compiled kernels keep
+    the same float32 arithmetic, in another order."""
+    runner, compiled = compiled_runner, compiled_runner.compiled
+    for rows in (3, 1):
+        ranks = [0] * rows
+        runner.compiled = counted = Counted(compiled)
+        got, got_cache = decode_logits(runner, ranks) if rows == 3 else _one_row(runner)
+        assert counted.calls == 4
+        runner.compiled = None
+        want, want_cache = decode_logits(runner, ranks) if rows == 3 else _one_row(runner)
+        runner.compiled = compiled
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{rows} rows: {m}")
+        for (gk, gv), (wk, wv) in zip(got_cache, want_cache):
+            torch.testing.assert_close(gk, wk, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-5)
+
+
+def _one_row(runner: ModelRunner):
+    runner.reset()
+    new = runner.prefill(PROMPTS[:1], [0])
+    runner.join(new)
+    tokens, out = new.logits.argmax(-1).tolist(), []
+    for _ in range(4):
+        logits = runner.decode(tokens)
+        out.append(logits)
+        tokens = logits.argmax(-1).tolist()
+    return torch.stack(out), [(l.keys.clone(), l.values.clone()) for l in runner.batch.cache.layers]
+
+
+def test_rows_with_an_adapter_rank_or_merged_weights_never_run_the_base_graph(compiled_runner):
+    """The graph is the base model as compiled: a batch with any row above rank 0, or any step
+    while a rank is merged into the weights, runs the lean step (and gets the adapter's function:
+    the rank-8 row's logits are not the base model's)."""
+    runner, compiled = compiled_runner, compiled_runner.compiled
+    adapter = runner.adapter
+    runner.compiled = counted = Counted(compiled)
+    try:
+        mixed, _ = decode_logits(runner, [0, adapter.config.r, 0])
+        assert counted.calls == 0
+        base, _ = decode_logits(runner, [0, 0, 0])
+        assert counted.calls == 4
+        assert not torch.allclose(mixed[0, 1], base[0, 1], atol=1e-3)  # the adapter changes row 1's first step
+        torch.testing.assert_close(mixed[0, 0], base[0, 0], rtol=1e-4, atol=1e-5)  # row 0 is the base model either way
+        runner.remerge(adapter.config.r)
+        try:
+            merged, _ = decode_logits(runner, [0, 0, 0])  # rank 0 now means "subtract the merged rank"
+            assert counted.calls == 4
+            torch.testing.assert_close(merged, base, rtol=1e-3, atol=1e-4)
+        finally:
+            adapter.unmerge()
+            runner._coeff_key = None
+    finally:
+        runner.compiled = compiled
+
+
+def test_the_server_compiles_on_request_and_says_so(tiny_model_dir, tiny_checkpoint):
+    """``--compile decode`` leaves the server with a checked compiled step, shown in ``/ranks``'s
+    ``compute``; asked for where it cannot be (no lean step to check it against), start-up stops
+    with an error that names the flag instead of serving without it."""
+    from server.app import load_state
+    from server.settings import ServerSettings
+
+    base = dict(model=str(tiny_model_dir), adapter=str(tiny_checkpoint), calibrate_steps=0)
+    with pytest.raises(ValueError, match="--compile decode"):
+        load_state(ServerSettings(**base, compile="decode", decode="transformers"))
+    st = load_state(ServerSettings(**base, compile="decode"))
+    assert st.engine.runner.compiled is not None and st.compute_info()["compiled_rank0_decode"] is True
+    assert load_state(ServerSettings(**base)).compute_info()["compiled_rank0_decode"] is False
