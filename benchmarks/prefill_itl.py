@@ -80,7 +80,7 @@ def main() -> int:
 
     variants = dict(v.split("=", 1) for v in args.variants.split(";"))
     chunks = list(variants)
-    ckpt = untrained_adapter(args.model, Path(tempfile.mkdtemp(prefix="prefill-itl-")) / "nested", r=args.rank)
+    ckpt = untrained_adapter(args.model, Path(tempfile.mkdtemp(prefix="prefill-itl-")) / "nested", r=max(args.rank, 16))
     tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     texts = prompts(args.clients)
     filler = " ".join(prompts(200))
@@ -102,7 +102,7 @@ def main() -> int:
     med = medians(runs)
     print(f"# prefill_itl  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(machine_line())
-    print(f"# model {args.model}, untrained r={args.rank} adapter, rank {args.rank}; {args.clients} decoding streams × "
+    print(f"# model {args.model}, untrained r={max(args.rank, 16)} adapter, rank {args.rank}; {args.clients} decoding streams × "
           f"{args.max_tokens} tokens; 'long': a {args.long_tokens}-token prompt every {args.long_every_s:g} s; "
           f"median of {args.rounds} rounds")
     print(f"{'variant':>10} {'ITL p50 quiet':>14} {'p95 quiet':>10} {'p50 long':>9} {'p95 long':>9} {'p95 ÷':>6} "
