@@ -28,7 +28,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from server.decoder import LeanDecoder, _rms_norm, _rotate
+from server.decoder import LeanDecoder
 
 
 class _StepContext(threading.local):
@@ -66,9 +66,9 @@ def _weights(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return base.weight, base.bias
 
 
-def _stacked(h: torch.Tensor, modules) -> tuple[torch.Tensor, ...]:
-    """Each module's output for h, from one GEMM with their weights stacked (frozen, the stack is
-    made once when the graph is compiled): 4 GEMMs a layer instead of 7."""
+def _stacked(modules, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each module's output for h, from one GEMM with their base weights stacked (frozen, the
+    stack is made once when the graph is compiled): 4 GEMMs a layer instead of 7."""
     ws, bs = zip(*(_weights(m) for m in modules))
     bias = None if all(b is None for b in bs) else torch.cat(
         [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
@@ -84,31 +84,16 @@ class CompiledDecode:
         self._graph = torch.compile(self._forward, dynamic=True, fullgraph=True)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        lean = self.lean
-        N, d, hq, hkv = ids.shape[0], lean.d, lean.hq, lean.hkv
-        x = lean.decoder.embed_tokens(ids)  # (N, H)
-        cos, sin = lean.decoder.rotary_emb(x, positions[None])
-        cos = cos.view(N, 1, d)
-        sin = (sin.view(N, 1, 2, d // 2) * torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)[:, None]
-               ).view(N, 1, d)  # (−sin₁, sin₂), as the lean step
-        for i, layer in enumerate(lean.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = _rms_norm(layer.input_layernorm, x)
-            q, k, v = _stacked(h, (attn.q_proj, attn.k_proj, attn.v_proj))
-            q, k = _rotate(q.view(N, hq, d), cos, sin), _rotate(k.view(N, hkv, d), cos, sin)
-            x = x + F.linear(torch.ops.mlora.attend(q, k, v, i), *_weights(attn.o_proj))
-            h = _rms_norm(layer.post_attention_layernorm, x)
-            gate, up = _stacked(h, (mlp.gate_proj, mlp.up_proj))
-            x = x + F.linear(mlp.act_fn(gate) * up, *_weights(mlp.down_proj))
-        logits = F.linear(_rms_norm(lean.decoder.norm, x), *_weights(lean.head))  # (N, V)
-        return torch.tanh(logits / lean.cap) * lean.cap if lean.cap else logits
+        """The lean step's layers and logits, every projection a plain GEMM on base weights."""
+        def attend_op(i, attn, q, k, v):
+            return torch.ops.mlora.attend(q, k, v, i)
+
+        return self.lean._logits(self.lean._layers(ids, positions, attend_op, _stacked), _stacked)
 
     def step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """``ids`` (B,), ``mask`` (B, L+1) 1 = a real column, ``positions`` (B,), ``cache`` the
         batch's cache (each layer gains a column) → next-token logits (B, V) of the base model."""
-        bias = torch.zeros(mask.shape, dtype=self.lean.head.weight.dtype, device=ids.device)
-        _CTX.bias = bias.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
-        _CTX.cache, _CTX.decoder = cache, self.lean
+        _CTX.bias, _CTX.cache, _CTX.decoder = self.lean.step_bias(mask), cache, self.lean
         try:
             with torch._inductor.config.patch(freezing=True):  # (compile's options={"freezing": True} is not applied)
                 return self._graph(ids, positions)

@@ -61,8 +61,7 @@ class LeanDecoder:
         """``ids`` (B,) one token per row, ``mask`` (B, L+1) 1 = a real column (this token's
         included), ``positions`` (B,), ``cache`` the batch's cache (L columns; each layer's
         ``update`` appends one) → next-token logits (B, V)."""
-        bias = torch.zeros(mask.shape, dtype=self.head.weight.dtype, device=ids.device)
-        bias = bias.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, L+1), every layer's
+        bias = self.step_bias(mask)
         B, d, hkv, g = ids.shape[0], self.d, self.hkv, self.g
 
         def attend(i, attn, q, k, v):  # q (B, Hq, D), k (B, Hkv, D), v (B, Hkv·D)
@@ -71,6 +70,12 @@ class LeanDecoder:
                                                   scale=self.scaling)  # (B, Hkv, g, D)
 
         return self._logits(self._layers(ids, positions, attend))
+
+    def step_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """A decode step's additive mask for every layer: ``mask`` (B, L+1), 1 = a real column →
+        (B, 1, 1, L+1), 0 there and −inf on padding."""
+        bias = torch.zeros(mask.shape, dtype=self.head.weight.dtype, device=mask.device)
+        return bias.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
 
     def packed(self, ids: torch.Tensor, positions: torch.Tensor, cache, keep: torch.Tensor) -> torch.Tensor:
         """One packed sequence of N tokens — the decode rows and a prompt piece (``MixedCache``),
@@ -89,9 +94,12 @@ class LeanDecoder:
 
         return self._logits(self._layers(ids, positions, attend)[keep])
 
-    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, attend, project=None) -> torch.Tensor:
         """The decoder layers over tokens ``ids`` (N,) at ``positions`` (N,) → hidden states (N, H);
-        ``attend(i, attn, q, k, v)`` is layer i's attention (its cache update included)."""
+        ``attend(i, attn, q, k, v)`` is layer i's attention (its cache update included),
+        ``project(modules, h)`` each module's output for h (default :func:`_project`: the modules'
+        own forwards; ``server.compiled`` passes plain GEMMs on their base weights)."""
+        project = project or _project
         N, d, hq, hkv = ids.shape[0], self.d, self.hq, self.hkv
         x = self.decoder.embed_tokens(ids)  # (N, H)
         cos, sin = self.decoder.rotary_emb(x, positions[None])  # (1, N, D) each, x's dtype
@@ -101,17 +109,17 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(layer.input_layernorm, x)
-            q, k, v = _project((attn.q_proj, attn.k_proj, attn.v_proj), h)  # (N, Hq·D), (N, Hkv·D) ×2
+            q, k, v = project((attn.q_proj, attn.k_proj, attn.v_proj), h)  # (N, Hq·D), (N, Hkv·D) ×2
             q, k = _rope(q, k, cos, sin, N, hq, hkv, d)  # (N, Hq, D), (N, Hkv, D)
             a = attend(i, attn, q, k, v)
-            x = x + attn.o_proj(a.reshape(N, hq * d))
+            x = x + project((attn.o_proj,), a.reshape(N, hq * d))[0]
             h = _rms_norm(layer.post_attention_layernorm, x)
-            gate, up = _project((mlp.gate_proj, mlp.up_proj), h)
-            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+            gate, up = project((mlp.gate_proj, mlp.up_proj), h)
+            x = x + project((mlp.down_proj,), mlp.act_fn(gate) * up)[0]
         return x
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(_rms_norm(self.decoder.norm, x))  # (N, V)
+    def _logits(self, x: torch.Tensor, project=None) -> torch.Tensor:
+        logits = (project or _project)((self.head,), _rms_norm(self.decoder.norm, x))[0]  # (N, V)
         if self.cap:
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits
@@ -137,8 +145,9 @@ def _project(modules: tuple[nn.Module, ...], h: torch.Tensor) -> tuple[torch.Ten
 
 def _rope(q, k, cos, sin, B, hq, hkv, d):
     """transformers' rotary embedding of q and k (:func:`_rotate`): one pass for both when k's
-    columns follow q's in one tensor (fused q/k/v), else one each."""
-    if (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() and q.stride() == k.stride()
+    columns follow q's in one tensor (fused q/k/v), else one each (always while compiled: the
+    compiler cannot compare storages, and fuses the two anyway)."""
+    if not torch.compiler.is_compiling() and (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() and q.stride() == k.stride()
             and k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size()):
         qk = _rotate(q.as_strided((B, hq + hkv, d), (q.stride(0), d, 1)), cos, sin)  # columns [q | k]
         return qk[:, :hq], qk[:, hq:]

@@ -152,7 +152,8 @@ class RankInfo(BaseModel):
     controller: dict = Field(default_factory=dict)
     merge: dict = Field(default_factory=dict, description="mode (off | fixed | auto) and the rank merged now")
     compute: dict = Field(default_factory=dict, description="how the server computes: device, dtype, torch threads, "
-                          "GEMM mode, fused siblings, decode path (lean | transformers), prefill pieces mixed in")
+                          "GEMM mode, fused siblings, decode path (lean | transformers), rank-0 decode compiled, prefill pieces "
+                          "mixed in")
 
 
 class ErrorDetail(BaseModel):

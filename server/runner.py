@@ -409,11 +409,13 @@ class ModelRunner:
 
     def _base_only(self, ranks: list[int]) -> bool:
         """Whether a step with these row ranks computes the base model as it was compiled: every
-        row at rank 0 and no rank merged into the weights."""
-        return (self.adapter is None or self.adapter.merged_rank is None) and not any(ranks)
+        row at rank 0, and the weights the plain base ones (nothing merged, or rank 0 "merged":
+        ``NestedAdapter.remerge(0)`` restores them exactly — what ``--merge-rank auto`` does
+        when rank 0 leads the traffic)."""
+        return (self.adapter is None or not self.adapter.merged_rank) and not any(ranks)
 
     def enable_compiled_decode(self, probe: list[int] | None = None) -> bool:
-        """Run decode steps whose rows are all at rank 0 (with nothing merged) through
+        """Run decode steps whose rows are all at rank 0 on the plain base weights through
         :class:`server.compiled.CompiledDecode`: compiled now (its graphs for one row and for
         several), kept if on a probe (three decode steps of two rows, and of one) its logits are
         the lean step's within :meth:`_probe_tolerance` — twice it in bf16, where the compiled

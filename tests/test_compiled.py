@@ -8,7 +8,7 @@ import torch
 
 from conftest import trained_adapter
 from server.runner import ModelRunner
-from test_decoder import PROMPTS, decode_logits
+from test_decoder import decode_logits
 from trainer.kernels import use_gemm
 
 
@@ -47,10 +47,10 @@ def test_compiled_rank0_steps_compute_the_lean_step_and_fill_the_same_cache(comp
     for rows in (3, 1):
         ranks = [0] * rows
         runner.compiled = counted = Counted(compiled)
-        got, got_cache = decode_logits(runner, ranks) if rows == 3 else _one_row(runner)
+        got, got_cache = decode_logits(runner, ranks)
         assert counted.calls == 4
         runner.compiled = None
-        want, want_cache = decode_logits(runner, ranks) if rows == 3 else _one_row(runner)
+        want, want_cache = decode_logits(runner, ranks)
         runner.compiled = compiled
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{rows} rows: {m}")
         for (gk, gv), (wk, wv) in zip(got_cache, want_cache):
@@ -58,22 +58,11 @@ def test_compiled_rank0_steps_compute_the_lean_step_and_fill_the_same_cache(comp
             torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-5)
 
 
-def _one_row(runner: ModelRunner):
-    runner.reset()
-    new = runner.prefill(PROMPTS[:1], [0])
-    runner.join(new)
-    tokens, out = new.logits.argmax(-1).tolist(), []
-    for _ in range(4):
-        logits = runner.decode(tokens)
-        out.append(logits)
-        tokens = logits.argmax(-1).tolist()
-    return torch.stack(out), [(l.keys.clone(), l.values.clone()) for l in runner.batch.cache.layers]
-
-
 def test_rows_with_an_adapter_rank_or_merged_weights_never_run_the_base_graph(compiled_runner):
     """The graph is the base model as compiled: a batch with any row above rank 0, or any step
     while a rank is merged into the weights, runs the lean step (and gets the adapter's function:
-    the rank-8 row's logits are not the base model's)."""
+    the rank-8 row's logits are not the base model's); rank 0 merged is the plain base weights
+    again, and runs it."""
     runner, compiled = compiled_runner, compiled_runner.compiled
     adapter = runner.adapter
     runner.compiled = counted = Counted(compiled)
@@ -89,6 +78,10 @@ def test_rows_with_an_adapter_rank_or_merged_weights_never_run_the_base_graph(co
             merged, _ = decode_logits(runner, [0, 0, 0])  # rank 0 now means "subtract the merged rank"
             assert counted.calls == 4
             torch.testing.assert_close(merged, base, rtol=1e-3, atol=1e-4)
+            runner.remerge(0)  # the plain base weights again (--merge-rank auto when rank 0 leads): compiled
+            again, _ = decode_logits(runner, [0, 0, 0])
+            assert counted.calls == 8
+            torch.testing.assert_close(again, base, rtol=1e-4, atol=1e-5)
         finally:
             adapter.unmerge()
             runner._coeff_key = None

@@ -15,9 +15,10 @@ PROMPTS = [[5, 9, 13, 21, 30, 7], [11, 4], [8, 8, 40, 2]]  # unequal: left paddi
 
 
 def decode_logits(runner: ModelRunner, ranks: list[int], steps: int = 4) -> tuple[torch.Tensor, list]:
-    """Logits of ``steps`` greedy decode steps of three rows, and the batch's cache after them."""
+    """Logits of ``steps`` greedy decode steps of one row per rank (the first of :data:`PROMPTS`),
+    and the batch's cache after them."""
     runner.reset()
-    new = runner.prefill(PROMPTS, ranks)
+    new = runner.prefill(PROMPTS[:len(ranks)], ranks)
     runner.join(new)
     tokens, out = new.logits.argmax(-1).tolist(), []
     for _ in range(steps):
