@@ -128,7 +128,7 @@ def main() -> None:
     if args.only:
         variants = {n: v for n, v in variants.items()
                     if re.match(r"rank 0( \(fused\))?( \[(F.linear|transformers)\])?$", n)
-                    or re.search(args.only, n.removesuffix(" [transformers]"))}
+                    or re.search(args.only, n.removesuffix(" [transformers]").removesuffix(" [F.linear]"))}
     times: dict[str, list[float]] = {name: [] for name in variants}
     remerge_s = []
     for rep in range(args.reps + 1):  # the first round warms up and is dropped
@@ -168,7 +168,7 @@ def main() -> None:
         print(f"{name:<38} {best[name]:10.1f} {best[name] / best[b]:9.3f} {v:8.1f} {v / med[b]:9.3f}")
     if args.vs_standard:
         print(f"# {mode} ÷ standard (best): " + ", ".join(
-            f"{n} {best[n] / best[n + ' [F.linear]']:.2f}" for n in plain if n in best))
+            f"{n} {best[n] / best[n + ' [F.linear]']:.2f}" for n in plain if n in best and n + " [F.linear]" in best))
     if args.vs_transformers and lean:
         print("# lean ÷ transformers' forward (best): " + ", ".join(
             f"{n} {best[n] / best[n + ' [transformers]']:.2f}" for n in plain

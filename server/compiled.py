@@ -5,7 +5,8 @@ every RMSNorm, rotation and SiLU ⊙ up writes its result to memory before the n
 Compiled with TorchInductor, weights frozen (constants, pre-packed for oneDNN at compile time),
 the same function is ~8 generated kernels a layer around 4 GEMMs::
 
-    graph(ids (B,), positions (B,)) → logits (B, V)        B symbolic: one graph for every B ≥ 2, one for B = 1
+    graph(ids (B,), positions (B,)) → logits (B, V)        B symbolic: one graph for every B ≥ 2; a single row
+                                                           is padded to two (the padding row skips attention)
         per layer: rmsnorm · q|k|v GEMM · rope   → [attend(q, k, v, i)] →  o GEMM · + · rmsnorm · gate|up GEMM · silu ⊙ · down · +
                                                       └ opaque to the compiler: appends k, v to the running batch's
                                                         cache (server.kvcache.RoomLayer) and runs SDPA over it
@@ -13,12 +14,16 @@ the same function is ~8 generated kernels a layer around 4 GEMMs::
 The attention is a custom op (``mlora::attend``) that the graph calls without looking in: the
 cache's length changes every step, and traced, every new length would be a new graph (~45 s of
 compiling each on 2 cores). Measured on SmolLM2-135M, bf16, 2 cores (AMX Xeon), one decode step
-at ~160 cached tokens: 16 rows 44–47 → 33–35 ms, 8 rows 38–40 → 28–29 ms, 1 row 36–37 → 24–25 ms.
+at ~160 cached tokens: 16 rows 44–47 → 33–35 ms, 8 rows 38–40 → 28–29 ms, 1 row 36–37 → 24–25 ms
+(its own graph, before single rows were padded). Compiling is Python work in TorchInductor
+(tracing, fusion, code generation: ~57 s a graph here for SmolLM2 in fp32 on an AVX2 EPYC, no
+cache reuse across start-ups once weights are frozen), so one graph serves every batch size:
+a single row runs as two, which costs it little where a step is bound by reading the weights.
 
 It computes the base model only: a step is compiled when every row runs at rank 0 and no rank is
 merged into the weights (freezing copied them as they were at compile time); any other step is
 the lean one. :meth:`server.runner.ModelRunner.enable_compiled_decode` compiles it at start-up
-(two graphs, ~1 minute for SmolLM2 on 2 cores) and checks it against the lean step on a probe.
+(one graph, ~30–60 s for SmolLM2 on 2 cores) and checks it against the lean step on a probe.
 """
 
 from __future__ import annotations
@@ -49,10 +54,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> tor
     ``layer`` of the step's cache, then attention over it under the step's mask, the query heads
     of one KV head folded together (as the lean step)."""
     lean, cache, bias = _CTX.decoder, _CTX.cache, _CTX.bias
-    B, d, hkv, g = q.shape[0], lean.d, lean.hkv, lean.g
-    keys, values = cache.layers[layer].update(k[:, :, None], v.reshape(B, hkv, 1, d))  # (B, Hkv, L+1, D)
-    out = F.scaled_dot_product_attention(q.reshape(B, hkv, g, d), keys, values, attn_mask=bias, scale=lean.scaling)
-    return out.reshape(B, lean.hq * d)
+    B, d, hkv, g = bias.shape[0], lean.d, lean.hkv, lean.g  # the batch's rows: q may carry a padding row
+    keys, values = cache.layers[layer].update(k[:B, :, None], v[:B].reshape(B, hkv, 1, d))  # (B, Hkv, L+1, D)
+    out = F.scaled_dot_product_attention(q[:B].reshape(B, hkv, g, d), keys, values, attn_mask=bias,
+                                         scale=lean.scaling).reshape(B, lean.hq * d)
+    return out if B == q.shape[0] else torch.cat([out, out.new_zeros(q.shape[0] - B, out.shape[1])])
 
 
 @attend.register_fake
@@ -94,8 +100,11 @@ class CompiledDecode:
         """``ids`` (B,), ``mask`` (B, L+1) 1 = a real column, ``positions`` (B,), ``cache`` the
         batch's cache (each layer gains a column) → next-token logits (B, V) of the base model."""
         _CTX.bias, _CTX.cache, _CTX.decoder = self.lean.step_bias(mask), cache, self.lean
+        rows = ids.shape[0]
+        if rows == 1:  # padded to two rows, so that one graph (B ≥ 2) serves every step; the padding row's
+            ids, positions = ids.repeat(2), positions.repeat(2)  # attention is skipped, its logits dropped
         try:
             with torch._inductor.config.patch(freezing=True):  # (compile's options={"freezing": True} is not applied)
-                return self._graph(ids, positions)
+                return self._graph(ids, positions)[:rows]
         finally:
             _CTX.cache = _CTX.bias = None

@@ -56,7 +56,7 @@ class ServerSettings(BaseSettings):
     compile: Literal["off", "decode"] = Field(
         "off", description="decode: decode steps whose rows are all at rank 0 run as one TorchInductor graph, weights "
         "frozen (server.compiled; CPU, with the lean step; ~1.3x faster a step for SmolLM2 on 2 cores), compiled and "
-        "checked against the lean step at start-up (~1 minute for SmolLM2 on 2 cores; an error where it cannot be "
+        "checked against the lean step at start-up (one graph, 30-60 s for SmolLM2 on 2 cores; an error where it cannot be "
         "used); other steps as before")
     merge_dwell_s: float = Field(2.0, ge=0, description="auto merge: how long a rank must lead the traffic "
                                  "before it is merged (and min seconds between re-merges)")

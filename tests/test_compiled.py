@@ -26,7 +26,7 @@ class Counted:
 @pytest.fixture(scope="module")
 def compiled_runner(tiny_model_dir):
     """A fused, packed-GEMM runner whose rank-0 steps run compiled (compiled once for the module:
-    two graphs, one row and several, ~10 s here)."""
+    one graph for every batch size)."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("the compiled graph's frozen GEMMs need oneDNN")
     model, tok, adapter = trained_adapter(tiny_model_dir)
@@ -40,8 +40,8 @@ def compiled_runner(tiny_model_dir):
 
 
 def test_compiled_rank0_steps_compute_the_lean_step_and_fill_the_same_cache(compiled_runner):
-    """Logits and the cache after four steps equal the lean step's, for several rows (one graph, B
-    symbolic) and for one (its own graph), fp32 to summation order: the compiled kernels keep
+    """Logits and the cache after four steps equal the lean step's, for several rows (B symbolic) and
+    for one (padded to two: the same graph), fp32 to summation order: the compiled kernels keep
     the same float32 arithmetic, in another order."""
     runner, compiled = compiled_runner, compiled_runner.compiled
     for rows in (3, 1):
@@ -56,6 +56,8 @@ def test_compiled_rank0_steps_compute_the_lean_step_and_fill_the_same_cache(comp
         for (gk, gv), (wk, wv) in zip(got_cache, want_cache):
             torch.testing.assert_close(gk, wk, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-5)
+    # one graph served both (one row runs padded to two): start-up compiles once, not once per batch shape
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(compiled)._forward.__code__)) == 1
 
 
 def test_rows_with_an_adapter_rank_or_merged_weights_never_run_the_base_graph(compiled_runner):
@@ -102,3 +104,40 @@ def test_the_server_compiles_on_request_and_says_so(tiny_model_dir, tiny_checkpo
     st = load_state(ServerSettings(**base, compile="decode"))
     assert st.engine.runner.compiled is not None and st.compute_info()["compiled_rank0_decode"] is True
     assert load_state(ServerSettings(**base)).compute_info()["compiled_rank0_decode"] is False
+
+
+def test_the_openai_sdk_gets_from_a_compiled_server_what_the_default_server_answers(tiny_model_dir, tiny_checkpoint):
+    """The openai SDK against two real servers, ``--compile decode`` and the default: at rank 0 the
+    same greedy tokens with the same logprobs (fp32, to summation order), alone (one row, padded to
+    two in the graph) and four streams at once (several rows), and the adapter's rank still its
+    own function on the compiled server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from conftest import ServerProcess
+
+    args = ("--model", str(tiny_model_dir), "--adapter", str(tiny_checkpoint), "--calibrate-steps", "0")
+    servers = [ServerProcess(*args, "--compile", "decode"), ServerProcess(*args)]
+    try:
+        answers = []
+        for srv in servers:
+            sdk = OpenAI(base_url=srv.wait_ready(timeout=600).url + "/v1", api_key="-", max_retries=0)
+
+            def complete(prompt, model="mlora@0"):
+                out = sdk.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
+                return out.choices[0].logprobs.tokens, out.choices[0].logprobs.token_logprobs
+
+            prompts = ["Ada has 12 apples", "Ben", "How many coins does Chen keep?", "The sum of"]
+            alone = complete(prompts[0])
+            with ThreadPoolExecutor(4) as pool:
+                together = list(pool.map(complete, prompts))
+            answers.append((alone, together, complete(prompts[0], "mlora@8")))
+        (c_alone, c_together, c_rank8), (d_alone, d_together, d_rank8) = answers
+        for (ct, cl), (dt, dl) in [(c_alone, d_alone), *zip(c_together, d_together), (c_rank8, d_rank8)]:
+            assert ct == dt
+            assert cl == pytest.approx(dl, abs=1e-4)
+        assert c_rank8 != c_alone  # rank 8 is the adapter's function, not the base model's
+    finally:
+        for srv in servers:
+            srv.stop()
