@@ -137,13 +137,14 @@ def _setup_runner(settings: ServerSettings, model, adapter, tok) -> ModelRunner:
                              "(Llama, Qwen2 or Mistral layers, full attention; see the log); use --decode auto or "
                              "transformers")
         log.info("decode steps %s (--decode %s)", "lean" if lean else "through transformers", settings.decode)
-    if settings.compile == "decode":
+    if settings.compile != "off":
         probe = tok("The quick brown fox jumps over the lazy dog, and then it runs far away.")["input_ids"]
-        if len(probe) < 7 or not runner.enable_compiled_decode(probe):
+        compiled = len(probe) >= 7 and runner.enable_compiled_decode(probe)
+        if not compiled and settings.compile == "decode":
             raise ValueError(f"--compile decode: rank-0 decode steps of {settings.model} cannot run compiled here "
                              "(it needs a CPU, the lean decode step and a compiled graph that matches it; see the "
-                             "log); use --compile off")
-        log.info("rank-0 decode steps compiled (--compile decode)")
+                             "log); use --compile auto or off")
+        log.info("rank-0 decode steps %s (--compile %s)", "compiled" if compiled else "lean", settings.compile)
     return runner
 
 

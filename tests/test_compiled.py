@@ -94,13 +94,16 @@ def test_rows_with_an_adapter_rank_or_merged_weights_never_run_the_base_graph(co
 def test_the_server_compiles_on_request_and_says_so(tiny_model_dir, tiny_checkpoint):
     """``--compile decode`` leaves the server with a checked compiled step, shown in ``/ranks``'s
     ``compute``; asked for where it cannot be (no lean step to check it against), start-up stops
-    with an error that names the flag instead of serving without it."""
+    with an error that names the flag instead of serving without it; ``--compile auto`` serves
+    without it there."""
     from server.app import load_state
     from server.settings import ServerSettings
 
     base = dict(model=str(tiny_model_dir), adapter=str(tiny_checkpoint), calibrate_steps=0)
     with pytest.raises(ValueError, match="--compile decode"):
         load_state(ServerSettings(**base, compile="decode", decode="transformers"))
+    # auto (what `make run` asks): compiled where it can be, and where it cannot the server serves without it
+    assert load_state(ServerSettings(**base, compile="auto", decode="transformers")).engine.runner.compiled is None
     st = load_state(ServerSettings(**base, compile="decode"))
     assert st.engine.runner.compiled is not None and st.compute_info()["compiled_rank0_decode"] is True
     assert load_state(ServerSettings(**base)).compute_info()["compiled_rank0_decode"] is False
