@@ -61,6 +61,33 @@ class PackedWeight:
         return self._packed
 
 
+_PACKABLE: dict[torch.dtype, str | None] = {}
+
+
+def packing_error(dtype: torch.dtype) -> str | None:
+    """Why oneDNN cannot pack ``dtype`` weights on this CPU (None: it can), found by packing and
+    multiplying a small weight once per dtype. Measured: on an AVX2-only EPYC, bf16 packing fails
+    ("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")."""
+    if dtype not in _PACKABLE:
+        try:
+            if not torch.backends.mkldnn.is_available():
+                raise RuntimeError("this torch build has no oneDNN")
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), None)
+            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), w, None, "none", [], "")
+            _PACKABLE[dtype] = None
+        except RuntimeError as e:
+            _PACKABLE[dtype] = str(e).strip().splitlines()[0]
+    return _PACKABLE[dtype]
+
+
+def _check_packable(dtype: torch.dtype) -> None:
+    why = packing_error(dtype)
+    if why is not None:
+        raise ValueError(f"packed GEMMs cannot run in {str(dtype).removeprefix('torch.')} on this CPU ({why}); "
+                         "use --gemm auto (which measures only the modes that run here), weight-major or standard, "
+                         "or another --dtype")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            max_rows: int = 0, packed: PackedWeight | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: from ``packed`` when given (and no gradient is wanted),
@@ -111,6 +138,8 @@ def use_gemm(model: nn.Module, mode: GemmMode = "weight-major") -> int:
 
     if mode not in MODES:
         raise ValueError(f"GEMM mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode == "packed":
+        _check_packable(next(model.parameters()).dtype)
     rows = MAX_ROWS if mode == "weight-major" else 0
     n = 0
     for m in model.modules():
@@ -151,6 +180,8 @@ def resolve_gemm(choice: str, device: torch.device, dtype: torch.dtype, cache: P
     ``standard`` (always on CUDA)."""
     if choice not in ("auto", *MODES):
         raise ValueError(f"GEMM mode must be auto, {', '.join(MODES)}; got {choice!r}")
+    if choice == "packed" and device.type == "cpu":
+        _check_packable(dtype)
     if choice != "auto":
         return choice
     if device.type != "cpu":
@@ -179,8 +210,8 @@ def gemm_speedups(dtype: torch.dtype, model: nn.Module, cache: Path | None = Non
            f"|forward: {len(ws)} linears, {sum(w.numel() for w in ws)} weights")
 
     def measure() -> dict[str, float]:
-        t = _time_forwards(model)
-        return {mode: t["standard"] / t[mode] for mode in MODES[1:]}
+        t = _time_forwards(model, [m for m in MODES if m != "packed" or packing_error(dtype) is None])
+        return {mode: t["standard"] / t[mode] if mode in t else 0.0 for mode in MODES[1:]}  # 0: cannot run here
 
     return cached_probe("gemm-probe.json", key, measure, cache)
 
@@ -188,17 +219,17 @@ def gemm_speedups(dtype: torch.dtype, model: nn.Module, cache: Path | None = Non
 PROBE_ROWS = 16  # one-token rows of the probe's forward: a decode step of a full default batch
 
 
-def _time_forwards(model: nn.Module, reps: int = 4) -> dict[GemmMode, float]:
+def _time_forwards(model: nn.Module, modes: list[GemmMode], reps: int = 4) -> dict[GemmMode, float]:
     """Best seconds per mode of ``model``'s forward of ``PROBE_ROWS`` one-token rows (no cache),
     each mode's second forward of a round timed (the first packs), the model left in its mode."""
     before = gemm_mode(model)
     device = next(model.parameters()).device
     ids = torch.zeros(PROBE_ROWS, 1, dtype=torch.long, device=device)
-    best = dict.fromkeys(MODES, float("inf"))
+    best = dict.fromkeys(modes, float("inf"))
     try:
         with torch.inference_mode():
             for rep in range(reps + 1):
-                for mode in (MODES if rep % 2 else MODES[::-1]):
+                for mode in (modes if rep % 2 else modes[::-1]):
                     use_gemm(model, mode)
                     model(input_ids=ids, use_cache=False)
                     t0 = time.perf_counter()
