@@ -23,7 +23,7 @@ a single row runs as two, which costs it little where a step is bound by reading
 It computes the base model only: a step is compiled when every row runs at rank 0 and no rank is
 merged into the weights (freezing copied them as they were at compile time); any other step is
 the lean one. :meth:`server.runner.ModelRunner.enable_compiled_decode` compiles it at start-up
-(one graph, ~30–60 s for SmolLM2 on 2 cores) and checks it against the lean step on a probe.
+(one graph, ~30–120 s for SmolLM2 on 2 cores) and checks it against the lean step on a probe.
 """
 
 from __future__ import annotations
