@@ -416,9 +416,9 @@ class ModelRunner:
 
     def enable_compiled_decode(self, probe: list[int] | None = None) -> bool:
         """Run decode steps whose rows are all at rank 0 on the plain base weights through
-        :class:`server.compiled.CompiledDecode`: compiled now (one graph for every batch
-        size, a single row padded to two), kept if on a probe (three decode steps of two rows, and of one) its logits are
-        the lean step's within :meth:`_probe_tolerance` — twice it in bf16, where the compiled
+        :class:`server.compiled.CompiledDecode`: compiled now (one graph for every batch size,
+        a single row padded to two), kept if on a probe (three decode steps of two rows, and of
+        one) its logits are the lean step's within :meth:`_probe_tolerance` — twice it in bf16, where the compiled
         kernels keep float32 between ops that the lean step rounds to bf16. Needs the lean step
         (:meth:`enable_lean_decode` first) and a CPU; call with no rows running. Returns the
         decision (also ``self.compiled``)."""

@@ -57,7 +57,7 @@ class ServerSettings(BaseSettings):
         "off", description="decode: decode steps whose rows are all at rank 0 run as one TorchInductor graph, weights "
         "frozen (server.compiled; CPU, with the lean step; ~1.3x faster a step for SmolLM2 on 2 cores), compiled and "
         "checked against the lean step at start-up (one graph, 30-120 s for SmolLM2 on 2 cores; an error where it "
-        "cannot be used); other steps as before. auto: the same where it can be used (make run), else off")
+        "cannot be used); other steps as before. auto: the same where it can be used (a CPU with the lean step), else off (logged)")
     merge_dwell_s: float = Field(2.0, ge=0, description="auto merge: how long a rank must lead the traffic "
                                  "before it is merged (and min seconds between re-merges)")
     controller: Literal["threshold", "slo", "off"] = Field(

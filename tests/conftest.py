@@ -16,7 +16,7 @@ from server.engine import Engine, EngineConfig, Event, GenerationRequest
 from server.runner import ModelRunner
 from trainer.data import demo_records
 from trainer.inject import AdapterConfig, NestedAdapter
-from trainer.kernels import gemm_mode, use_gemm
+from trainer.kernels import gemm_mode, packing_error, use_gemm
 
 REPO = Path(__file__).resolve().parents[1]
 # GSM8K lives beside the checkout (../shared); MLORA_GSM8K_DIR overrides, /work/shared is the
@@ -75,6 +75,12 @@ def trained_adapter(model_dir, r=8, scaling="sqrt", method="matryoshka", seed=1,
         for layer in adapter.layers.values():
             layer.lora_Bt.normal_(std=0.05)  # as if trained: B = 0 would hide every bug
     return model, tok, adapter
+
+
+def skip_unless_packable(dtype: torch.dtype) -> None:
+    """Skip where oneDNN cannot pack ``dtype`` weights on this CPU (bf16 on an AVX2-only one)."""
+    if packing_error(dtype):
+        pytest.skip(f"packed GEMMs cannot run in {dtype} on this CPU: {packing_error(dtype)}")
 
 
 def logits(model, ids):

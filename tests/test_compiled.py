@@ -102,7 +102,7 @@ def test_the_server_compiles_on_request_and_says_so(tiny_model_dir, tiny_checkpo
     base = dict(model=str(tiny_model_dir), adapter=str(tiny_checkpoint), calibrate_steps=0)
     with pytest.raises(ValueError, match="--compile decode"):
         load_state(ServerSettings(**base, compile="decode", decode="transformers"))
-    # auto (what `make run` asks): compiled where it can be, and where it cannot the server serves without it
+    # auto: compiled where it can be; where it cannot, the server serves without it
     assert load_state(ServerSettings(**base, compile="auto", decode="transformers")).engine.runner.compiled is None
     st = load_state(ServerSettings(**base, compile="decode"))
     assert st.engine.runner.compiled is not None and st.compute_info()["compiled_rank0_decode"] is True

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import trained_adapter
+from conftest import skip_unless_packable, trained_adapter
 from server.decoder import lean_decoder
 from server.runner import ModelRunner
 from trainer.kernels import use_gemm
@@ -36,10 +36,8 @@ def test_lean_decode_computes_the_transformers_step_at_every_rank_and_mixed(tiny
     rotated as one tensor, apart each on its own). fp32: to summation order (1e-5); bf16: the lean
     step makes the same roundings in the same order except inside SDPA, whose additive mask meets
     the scores in another kernel path, so 2e-2 (a few bf16 steps of these O(1) logits)."""
-    from trainer.kernels import packing_error
-
-    if gemm == "packed" and packing_error(dtype):
-        pytest.skip(f"packed GEMMs cannot run in {dtype} on this CPU: {packing_error(dtype)}")
+    if gemm == "packed":
+        skip_unless_packable(dtype)
     model, tok, adapter = trained_adapter(tiny_model_dir)
     model.to(dtype)
     for layer in adapter.layers.values():

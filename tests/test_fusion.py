@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import logits, trained_adapter
+from conftest import logits, skip_unless_packable, trained_adapter
 
 ATOL = 1e-5  # fp32: the fused GEMM sums the same products in another blocking order
 
@@ -59,10 +59,9 @@ def test_fused_packed_model_computes_the_unfused_function_and_sees_new_b(tiny_mo
     rounding of the scaled intermediate (LoRA's uniform α multiplies h before the GEMM, as a
     per-component c does; 2e-2 is a few bf16 steps of these O(1) logits). A B written after its
     rank was packed (a reload) is used, not the stale packed copy."""
-    from trainer.kernels import packing_error, use_gemm
+    from trainer.kernels import use_gemm
 
-    if packing_error(dtype):
-        pytest.skip(f"packed GEMMs cannot run in {dtype} on this CPU: {packing_error(dtype)}")
+    skip_unless_packable(dtype)
 
     model, _, adapter = trained_adapter(tiny_model_dir, method=method)
     model.to(dtype)
